@@ -1,0 +1,66 @@
+"""`diff_attn`: the public entry point of the fused kernel. Validates, then hands over to the autograd op.
+
+Triton is imported only when the kernel is actually called, so `import kernels` works without it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .runtime import require_triton
+from .validate import check_diff_attn_args
+
+
+def diff_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lam,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-5,
+    out_scale: float = 1.0,
+) -> torch.Tensor:
+    """Fused differential attention (Triton): one tiled pass over K1, K2 and V.
+
+    Args:
+        q, k: (B, 2H, N, d). Diff-head h pairs heads 2h and 2h+1. Any strides (e.g. ``x.view(B, N, 2H, d)
+            .transpose(1, 2)`` straight from a linear layer). d in {16, 32, 64, 128}; fp16, bf16 or fp32.
+        v: (B, H, N, 2d), same dtype and device.
+        lam: λ, a Python number, a 0-d tensor (per layer), an (H,) tensor (per head) or a (B, H, N) tensor (per
+            query token); any shape broadcastable to (B, H, N) works. Read in fp32 on the device (no host sync).
+            A tensor λ that requires grad receives a gradient of its own shape. λ = 0 is fine. A non-finite
+            Python λ is rejected; a non-finite CUDA tensor λ is not checked (that would sync) and gives
+            non-finite outputs.
+        causal: mask keys after each query (fully masked key blocks are skipped).
+        scale: softmax scale s, default d**-0.5.
+        norm_weight: (2d,) weight of the fused RMS-norm epilogue (DiffCLIP's ``diff_norm``); None skips it.
+        norm_eps: epsilon of that norm.
+        out_scale: multiplies the output (DiffCLIP: 1 - λ_init).
+
+    Returns:
+        (B, H, N, 2d) in the input dtype, ``softmax(s·Q1K1ᵀ)V − λ·softmax(s·Q2K2ᵀ)V`` per diff-head, then
+        ``o·rsqrt(mean(o²) + norm_eps)·norm_weight`` when `norm_weight` is given, times `out_scale`. The result is
+        a transposed view of a (B, N, H, 2d) buffer, so ``out.transpose(1, 2).reshape(B, N, H * 2 * d)`` is free.
+
+    Differentiable in q, k, v, λ (tensor) and norm_weight.
+
+    Raises:
+        TypeError / ValueError: bad arguments (named in the message).
+        RuntimeError: Triton missing, or tensors on a device the kernel cannot run on (CPU needs
+            ``TRITON_INTERPRET=1``; or use ``kernels.diff_attn_reference``).
+    """
+    args = check_diff_attn_args(
+        q, k, v, lam, causal=causal, scale=scale, norm_weight=norm_weight, norm_eps=norm_eps,
+        out_scale=out_scale, for_kernel=True,
+    )
+    require_triton(q.device)
+    if args.batch == 0 or args.seqlen == 0:
+        return v.clone()  # (B, H, N, 2d) with a zero-sized dim: nothing to compute
+    from .ops import DiffAttnFunction
+
+    return DiffAttnFunction.apply(
+        q, k, v, args.lam, norm_weight, causal, args.scale, float(norm_eps), float(out_scale)
+    )

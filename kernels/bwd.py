@@ -1,0 +1,280 @@
+"""Fused differential-attention backward: three launches, no N x N tensor, no atomics.
+
+Layout: jit kernels (preprocess, dK/dV, dQ) -> launch helper. Per diff-head, with P1, P2 the two softmax maps,
+O1 = P1·V, O2 = P2·V, o = O1 − λ·O2 (before the epilogue) and dO = ∂L/∂o:
+
+    Δ1 = rowsum(dO ⊙ O1) = rowsum(dO ⊙ o) + λ·Δ2,   Δ2 = rowsum(dO ⊙ O2),   ∂L/∂λ (per row) = −Δ2
+    dP = dO·Vᵀ (one matmul, shared by both maps)
+    dS1 = P1 ⊙ (dP − Δ1),   dS2 = −λ·P2 ⊙ (dP − Δ2)
+    dQi = s·dSi·Ki,   dKi = s·dSiᵀ·Qi,   dV = (P1 − λ·P2)ᵀ·dO (one matmul on the combined map)
+
+P1 and P2 are recomputed from the forward's per-row log-sum-exps. dK/dV and dQ are computed by separate programs
+(one over key blocks, one over query blocks) so that every output element has exactly one writer: gradients are
+bitwise deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import alloc
+from .configs import PRE_BLOCK_M, bwd_configs, prune_bwd
+from .fwd import LOG2E, dot_precision, seqlen_bucket
+
+_LOG2E = tl.constexpr(LOG2E)  # kernels may only read globals declared constexpr
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    DOUT, OREF, O2, LAM, NORM_W, DO, DELTA, DW_PART,
+    stride_db, stride_dh, stride_dn, stride_dd,
+    stride_rb, stride_rh, stride_rn, stride_rd,
+    stride_lb, stride_lh, stride_ln,
+    H, N, norm_eps, out_scale,
+    HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr, NEED_DW: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Epilogue backward, both Δs, and the norm weight's per-block partial gradient.
+
+    OREF is the pre-norm difference o when HAS_NORM, else the output itself (= out_scale·o). Without the norm the
+    main kernels read DOUT directly and apply out_scale themselves, so nothing (B, H, N, 2d) is written here.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, 2 * HEAD_DIM)
+    row_ok = offs_m < N
+    m2 = row_ok[:, None]
+
+    dy = tl.load(DOUT + b * stride_db + h * stride_dh + (offs_m[:, None] * stride_dn + offs_dv[None, :] * stride_dd),
+                 mask=m2, other=0.0).to(tl.float32)
+    o = tl.load(OREF + b * stride_rb + h * stride_rh + (offs_m[:, None] * stride_rn + offs_dv[None, :] * stride_rd),
+                mask=m2, other=0.0).to(tl.float32)
+    sav_off = ((b * H + h) * N) * (2 * HEAD_DIM) + (offs_m[:, None] * (2 * HEAD_DIM) + offs_dv[None, :])
+    o2 = tl.load(O2 + sav_off, mask=m2, other=0.0).to(tl.float32)
+    lam = tl.load(LAM + b * stride_lb + h * stride_lh + offs_m * stride_ln, mask=row_ok, other=0.0).to(tl.float32)
+
+    if HAS_NORM:
+        # y = o·rstd·w·c  =>  dO = rstd·(g − o·rstd²·mean(g ⊙ o)),  g = dy·w·c;   dw = Σ_rows dy ⊙ o·rstd·c
+        rstd = tl.math.rsqrt(tl.sum(o * o, 1) / (2 * HEAD_DIM) + norm_eps)
+        w = tl.load(NORM_W + offs_dv).to(tl.float32)
+        if NEED_DW:
+            part = tl.sum(dy * o * rstd[:, None], 0) * out_scale
+            tl.store(DW_PART + (bh * tl.num_programs(0) + pid_m).to(tl.int64) * (2 * HEAD_DIM) + offs_dv, part)
+        g = dy * (w * out_scale)[None, :]
+        dot_go = tl.sum(g * o, 1) / (2 * HEAD_DIM)
+        do = rstd[:, None] * (g - o * (rstd * rstd * dot_go)[:, None])
+        tl.store(DO + sav_off, do.to(DO.dtype.element_ty), mask=m2)
+        delta_o = tl.sum(do * o, 1)
+        delta2 = tl.sum(do * o2, 1)
+    else:
+        # dO = out_scale·dy and OREF = out_scale·o: rowsum(dO ⊙ o) = rowsum(dy ⊙ OREF), no division by out_scale.
+        delta_o = tl.sum(dy * o, 1)
+        delta2 = tl.sum(dy * o2, 1) * out_scale
+    delta1 = delta_o + lam * delta2
+    d_base = DELTA + (b * 2 * H + 2 * h) * N
+    tl.store(d_base + offs_m, delta1, mask=row_ok)
+    tl.store(d_base + N + offs_m, delta2, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, LAM, DK, DV,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_lb, stride_lh, stride_ln,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, N, N_BUCKET, qk_scale, sm_scale, do_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program: BLOCK_N keys of one diff-head; loops over the query blocks that see them. Works transposed
+    (keys along rows) so that dK1, dK2 and dV accumulate without a transpose."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, 2 * HEAD_DIM)
+    key_ok = offs_n < N
+
+    k_base = K + b * stride_kb + (2 * h) * stride_kh
+    k_off = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    k1 = tl.load(k_base + k_off, mask=key_ok[:, None], other=0.0)
+    k2 = tl.load(k_base + stride_kh + k_off, mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + (offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd),
+                mask=key_ok[:, None], other=0.0)
+
+    dk1 = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dk2 = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, 2 * HEAD_DIM], dtype=tl.float32)
+
+    q_base = Q + b * stride_qb + (2 * h) * stride_qh
+    do_base = DO + b * stride_ob + h * stride_oh
+    row_base = (b * 2 * H + 2 * h) * N  # LSE and DELTA rows of map 1; map 2 follows at +N
+    lam_base = LAM + b * stride_lb + h * stride_lh
+    # Causal: queries before this key block never see it; start at the query block holding `start_n`.
+    lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
+    for start_m in range(lo, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_ok = offs_m < N
+        q_off = offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+        q1 = tl.load(q_base + q_off, mask=q_ok[:, None], other=0.0)
+        q2 = tl.load(q_base + stride_qh + q_off, mask=q_ok[:, None], other=0.0)
+        do = tl.load(do_base + (offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od),
+                     mask=q_ok[:, None], other=0.0)
+        # Masked query rows read lse = +inf, so their probabilities are exactly 0.
+        lse1 = tl.load(LSE + row_base + offs_m, mask=q_ok, other=float("inf")) * _LOG2E
+        lse2 = tl.load(LSE + row_base + N + offs_m, mask=q_ok, other=float("inf")) * _LOG2E
+        d1 = tl.load(DELTA + row_base + offs_m, mask=q_ok, other=0.0)
+        d2 = tl.load(DELTA + row_base + N + offs_m, mask=q_ok, other=0.0)
+        lam = tl.load(lam_base + offs_m * stride_ln, mask=q_ok, other=0.0).to(tl.float32)
+
+        visible = key_ok[:, None] & q_ok[None, :]
+        if CAUSAL:
+            visible = visible & (offs_m[None, :] >= offs_n[:, None])
+        p1t = tl.math.exp2(tl.dot(k1, tl.trans(q1), input_precision=DOT_PRECISION) * qk_scale - lse1[None, :])
+        p1t = tl.where(visible, p1t, 0.0)
+        p2t = tl.math.exp2(tl.dot(k2, tl.trans(q2), input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
+        p2t = tl.where(visible, p2t, 0.0)
+        dv = tl.dot((p1t - lam[None, :] * p2t).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) * do_scale
+        ds1t = p1t * (dpt - d1[None, :])
+        ds2t = -lam[None, :] * p2t * (dpt - d2[None, :])
+        dk1 = tl.dot(ds1t.to(q1.dtype), q1, dk1, input_precision=DOT_PRECISION)
+        dk2 = tl.dot(ds2t.to(q2.dtype), q2, dk2, input_precision=DOT_PRECISION)
+
+    dk_base = DK + b * stride_dkb + (2 * h) * stride_dkh
+    dk_off = offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    tl.store(dk_base + dk_off, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(dk_base + stride_dkh + dk_off, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + b * stride_dvb + h * stride_dvh + (offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd),
+             (dv * do_scale).to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, LAM, DQ,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_lb, stride_lh, stride_ln,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    H, N, N_BUCKET, qk_scale, sm_scale, do_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program: BLOCK_M queries of one diff-head; loops over the key blocks they see."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, 2 * HEAD_DIM)
+    q_ok = offs_m < N
+
+    q_base = Q + b * stride_qb + (2 * h) * stride_qh
+    q_off = offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q1 = tl.load(q_base + q_off, mask=q_ok[:, None], other=0.0)
+    q2 = tl.load(q_base + stride_qh + q_off, mask=q_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_ob + h * stride_oh + (offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od),
+                 mask=q_ok[:, None], other=0.0)
+    row_base = (b * 2 * H + 2 * h) * N
+    lse1 = tl.load(LSE + row_base + offs_m, mask=q_ok, other=float("inf")) * _LOG2E
+    lse2 = tl.load(LSE + row_base + N + offs_m, mask=q_ok, other=float("inf")) * _LOG2E
+    d1 = tl.load(DELTA + row_base + offs_m, mask=q_ok, other=0.0)
+    d2 = tl.load(DELTA + row_base + N + offs_m, mask=q_ok, other=0.0)
+    lam = tl.load(LAM + b * stride_lb + h * stride_lh + offs_m * stride_ln, mask=q_ok, other=0.0).to(tl.float32)
+
+    dq1 = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq2 = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    k_base = K + b * stride_kb + (2 * h) * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    hi = tl.minimum(start_m + BLOCK_M, N) if CAUSAL else N  # causal: key blocks past the last row are skipped
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < N
+        k_off = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        k1 = tl.load(k_base + k_off, mask=key_ok[:, None], other=0.0)
+        k2 = tl.load(k_base + stride_kh + k_off, mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_base + (offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd),
+                    mask=key_ok[:, None], other=0.0)
+        visible = q_ok[:, None] & key_ok[None, :]
+        if CAUSAL:
+            visible = visible & (offs_m[:, None] >= offs_n[None, :])
+        p1 = tl.math.exp2(tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION) * qk_scale - lse1[:, None])
+        p1 = tl.where(visible, p1, 0.0)
+        p2 = tl.math.exp2(tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
+        p2 = tl.where(visible, p2, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) * do_scale
+        ds1 = p1 * (dp - d1[:, None])
+        ds2 = -lam[:, None] * p2 * (dp - d2[:, None])
+        dq1 = tl.dot(ds1.to(k1.dtype), k1, dq1, input_precision=DOT_PRECISION)
+        dq2 = tl.dot(ds2.to(k2.dtype), k2, dq2, input_precision=DOT_PRECISION)
+
+    dq_base = DQ + b * stride_dqb + (2 * h) * stride_dqh
+    dq_off = offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
+    tl.store(dq_base + dq_off, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
+    tl.store(dq_base + stride_dqh + dq_off, (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
+
+
+_KEY = ["N_BUCKET", "HEAD_DIM", "CAUSAL"]
+_bwd_dkdv = triton.autotune(configs=bwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": prune_bwd})(
+    _bwd_dkdv_kernel
+)
+_bwd_dq = triton.autotune(configs=bwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": prune_bwd})(
+    _bwd_dq_kernel
+)
+
+
+def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal, scale, norm_eps, out_scale,
+                  needs_dlam, needs_dw):
+    """Gradients (dq, dk, dv, dlam_bhn, dnorm_weight); the last two are None when not needed.
+
+    `o_ref` is the pre-norm difference when `norm_weight` is given, else the forward's output.
+    """
+    B, H2, N, d = q.shape
+    H = H2 // 2
+    has_norm = norm_weight is not None
+    n_pre = triton.cdiv(N, PRE_BLOCK_M)
+    delta = alloc.empty(B, H2, N, dtype=torch.float32, device=q.device)
+    do = alloc.empty(B, H, N, 2 * d, dtype=q.dtype, device=q.device) if has_norm else None
+    dw_part = alloc.empty(B * H * n_pre, 2 * d, dtype=torch.float32, device=q.device) if has_norm and needs_dw \
+        else None
+    _bwd_preprocess_kernel[(n_pre, B * H)](
+        dout, o_ref, o2, lam_bhn, norm_weight, do, delta, dw_part,
+        *dout.stride(), *o_ref.stride(), *lam_bhn.stride(),
+        H, N, norm_eps, out_scale,
+        HEAD_DIM=d, HAS_NORM=has_norm, NEED_DW=dw_part is not None, BLOCK_M=PRE_BLOCK_M,
+    )
+    # With the norm, the main kernels read the epilogue's gradient; without it, the incoming gradient itself
+    # and apply out_scale (do_scale) inside.
+    g, do_scale = (do, 1.0) if has_norm else (dout, out_scale)
+
+    dq = alloc.empty_like(q)
+    dk = alloc.empty_like(k)
+    dv = alloc.empty_like(v)
+    common = dict(HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype))
+    scalars = (H, N, seqlen_bucket(N), scale * LOG2E, scale, do_scale)
+    _bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
+        q, k, v, g, lse, delta, lam_bhn, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *g.stride(), *lam_bhn.stride(), *dk.stride(), *dv.stride(),
+        *scalars, **common,
+    )
+    _bwd_dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
+        q, k, v, g, lse, delta, lam_bhn, dq,
+        *q.stride(), *k.stride(), *v.stride(), *g.stride(), *lam_bhn.stride(), *dq.stride(),
+        *scalars, **common,
+    )
+    dlam = -delta.view(B, H, 2, N)[:, :, 1] if needs_dlam else None
+    dw = dw_part.sum(0).to(norm_weight.dtype) if dw_part is not None else None
+    return dq, dk, dv, dlam, dw

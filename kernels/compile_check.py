@@ -1,0 +1,205 @@
+"""Ahead-of-time compilation of the kernels for NVIDIA targets, without a GPU.
+
+Triton's interpreter accepts code that a GPU build rejects (layouts, shared memory, register pressure); compiling
+every default config for sm_80 and sm_90 here is what catches that on a CPU-only machine. ptxas (shipped inside
+Triton) reports registers and spills.
+
+    python -m kernels.compile_check          # table of every default config
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import configs
+
+# Shared memory per block that a kernel may use (opt-in maximum), in bytes.
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+_TL_DTYPE = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+
+
+@dataclass
+class CompileResult:
+    kernel: str
+    arch: int
+    dtype: str
+    head_dim: int
+    causal: bool
+    config: str
+    shared: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+
+    @property
+    def smem_ok(self) -> bool:
+        return self.shared <= SMEM_LIMIT[self.arch]
+
+
+def _ptxas_path() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def ptxas_report(ptx: str, arch: int) -> tuple[int, int, int]:
+    """(registers, spill stores, spill loads) summed over the PTX's functions, from `ptxas -v`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        proc = subprocess.run(
+            [_ptxas_path(), "-v", f"--gpu-name={sm}", src, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True, text=True, check=True,
+        )
+    log = proc.stderr + proc.stdout
+    regs = max((int(x) for x in re.findall(r"Used (\d+) registers", log)), default=0)
+    stores = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log))
+    loads = sum(int(x) for x in re.findall(r"(\d+) bytes spill loads", log))
+    return regs, stores, loads
+
+
+def _divisibility_attrs(fn, signature, aligned_ints):
+    """What Triton's launcher specialises on a real call: 16-byte aligned pointers, and ints divisible by 16.
+
+    Without these hints the compiler cannot vectorise loads and keeps one 64-bit pointer per element, which is
+    not what a launch on a GPU compiles.
+    """
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        ty = signature[name]
+        if (ty.startswith("*") and ty != "constexpr") or name in aligned_ints:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+def _compile(fn, signature, constexprs, arch, cfg, aligned_ints=()):
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs,
+                    attrs=_divisibility_attrs(fn, signature, set(aligned_ints)))
+    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+
+
+def _ptr(dtype):
+    return "*" + _TL_DTYPE[dtype]
+
+
+def compile_fwd(arch, dtype, head_dim, causal, cfg, *, has_norm=True, save_for_bwd=True):
+    from .fwd import _diff_attn_fwd_kernel as fn
+
+    p = _ptr(dtype)
+    sig = {
+        "Q": p, "K": p, "V": p, "LAM": "*fp32", "NORM_W": "*fp32" if has_norm else "constexpr", "OUT": p,
+        "LSE": "*fp32" if save_for_bwd else "constexpr", "O2": p if save_for_bwd else "constexpr",
+        "OPRE": p if (save_for_bwd and has_norm) else "constexpr",
+    }
+    ints = [a for a in fn.arg_names if a.startswith("stride_")] + ["H", "N", "N_BUCKET"]
+    sig.update({a: "i32" for a in ints})
+    sig.update({"qk_scale": "fp32", "norm_eps": "fp32", "out_scale": "fp32"})
+    const = {
+        "HEAD_DIM": head_dim, "CAUSAL": causal, "HAS_NORM": has_norm, "SAVE_FOR_BWD": save_for_bwd,
+        "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", **cfg.kwargs,
+    }
+    for name in ("NORM_W", "LSE", "O2", "OPRE"):
+        if sig[name] == "constexpr":
+            const[name] = None
+    # Strides along the feature dim are 1 in every real call; Triton specialises them, so do the same here.
+    for a in ("stride_qd", "stride_kd", "stride_vd", "stride_od"):
+        sig[a] = "constexpr"
+        const[a] = 1
+    sig.update({k: "constexpr" for k in const if k not in sig})
+    ordered = {a: sig[a] for a in fn.arg_names}
+    return _compile(fn, ordered, const, arch, cfg, _aligned_strides(fn))
+
+
+def _aligned_strides(fn):
+    # Batch/head/row strides of q, k, v, dO and the gradients are multiples of d (>= 16) in every layout a model
+    # produces; λ's strides (often 0) and N are not assumed aligned.
+    return [a for a in fn.arg_names if a.startswith("stride_") and not a.startswith("stride_l")
+            and not a.endswith("d")]
+
+
+def _bwd_signature(fn, dtype, head_dim, causal, cfg, pointers):
+    p = _ptr(dtype)
+    sig, const = {}, {"HEAD_DIM": head_dim, "CAUSAL": causal,
+                      "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", **cfg.kwargs}
+    for a in fn.arg_names:
+        if a in pointers:
+            sig[a] = pointers[a] if pointers[a].startswith("*") else p
+        elif a.startswith("stride_") and a.endswith("d") and a != "stride_lb":
+            sig[a], const[a] = "constexpr", 1  # feature-dim strides are 1 in real calls (Triton specialises 1)
+        elif a.startswith("stride_") or a in ("H", "N", "N_BUCKET"):
+            sig[a] = "i32"
+        elif a in ("qk_scale", "sm_scale", "do_scale", "norm_eps", "out_scale"):
+            sig[a] = "fp32"
+        else:
+            sig[a] = "constexpr"
+    return sig, const
+
+
+def compile_bwd(kernel, arch, dtype, head_dim, causal, cfg):
+    """Compile the dK/dV ("dkdv") or dQ ("dq") backward kernel for one config."""
+    from . import bwd
+
+    fn = bwd._bwd_dkdv_kernel if kernel == "dkdv" else bwd._bwd_dq_kernel
+    ptrs = {a: "x" for a in ("Q", "K", "V", "DO", "DK", "DV", "DQ")}
+    ptrs.update({"LSE": "*fp32", "DELTA": "*fp32", "LAM": "*fp32"})
+    sig, const = _bwd_signature(fn, dtype, head_dim, causal, cfg, ptrs)
+    return _compile(fn, sig, const, arch, cfg, _aligned_strides(fn))
+
+
+def compile_preprocess(arch, dtype, head_dim, has_norm=True):
+    from . import bwd
+
+    fn = bwd._bwd_preprocess_kernel
+    cfg = triton.Config({"BLOCK_M": configs.PRE_BLOCK_M}, num_warps=4, num_stages=1)
+    ptrs = {a: "x" for a in ("DOUT", "OREF", "O2", "DO")}
+    ptrs.update({"LAM": "*fp32", "NORM_W": "*fp32", "DELTA": "*fp32", "DW_PART": "*fp32"})
+    sig, const = _bwd_signature(fn, dtype, head_dim, False, cfg, ptrs)
+    for a in ("CAUSAL", "DOT_PRECISION"):
+        const.pop(a)
+    const.update({"HAS_NORM": has_norm, "NEED_DW": has_norm})
+    if not has_norm:
+        for a in ("NORM_W", "DO", "DW_PART"):
+            sig[a], const[a] = "constexpr", None
+    return _compile(fn, sig, const, arch, cfg, _aligned_strides(fn))
+
+
+def _result(kernel, compiled, arch, dtype, head_dim, causal, cfg):
+    regs, stores, loads = ptxas_report(compiled.asm["ptx"], arch)
+    return CompileResult(
+        kernel, arch, dtype, head_dim, causal,
+        f"BLOCK_M={cfg.kwargs['BLOCK_M']} BLOCK_N={cfg.kwargs['BLOCK_N']} w={cfg.num_warps} s={cfg.num_stages}",
+        compiled.metadata.shared, regs, stores, loads,
+    )
+
+
+def check_fwd(arch, dtype, head_dim, causal):
+    """Compile every default forward config for one problem class; one CompileResult per config."""
+    nbytes = 4 if dtype == "fp32" else 2
+    return [
+        _result("fwd", compile_fwd(arch, dtype, head_dim, causal, cfg), arch, dtype, head_dim, causal, cfg)
+        for cfg in configs.default_fwd_rows(head_dim, nbytes, causal)
+    ]
+
+
+def main():  # pragma: no cover - a developer's table
+    print(f"{'kernel':8} {'sm':>3} {'dtype':5} {'d':>4} {'causal':6} {'config':34} {'smem':>7} {'regs':>4} spills")
+    for arch in (80, 90):
+        for dtype in ("fp16", "bf16"):
+            for d in (64, 128):
+                for causal in (False, True):
+                    for r in check_fwd(arch, dtype, d, causal):
+                        print(f"{r.kernel:8} {r.arch:>3} {r.dtype:5} {r.head_dim:>4} {str(r.causal):6} "
+                              f"{r.config:34} {r.shared:>7} {r.registers:>4} {r.spill_stores}/{r.spill_loads}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Autotune lists for the differential-attention kernels and the filters that prune them.
+
+The lists are small on purpose: every entry is compiled ahead of time for sm_80 and sm_90 by the compile test
+(tests/kernels/test_compile.py), which checks shared memory and that ptxas reports no spills. Under Triton's
+interpreter a single config is used (autotuning there would only measure numpy).
+"""
+
+from __future__ import annotations
+
+import triton
+
+from .runtime import interpreter_enabled
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, head dims it is for).
+# One forward program holds two fp32 accumulators of BLOCK_M x 2d, i.e. the registers of a plain flash-attention
+# program with a 4d-wide output; d=128 therefore only gets 32/64-row blocks. Every row here compiles for sm_80 and
+# sm_90 without spills (checked by tests/kernels/test_compile.py; `python -m kernels.compile_check` prints them).
+_SMALL_D = (16, 32, 64)
+_FWD = [
+    (128, 32, 8, 2, _SMALL_D),
+    (64, 64, 8, 2, _SMALL_D),
+    (64, 64, 8, 3, _SMALL_D),
+    (64, 32, 8, 3, _SMALL_D),
+    (32, 64, 4, 2, _SMALL_D),
+    (64, 32, 8, 2, (128,)),
+    (32, 64, 8, 2, (128,)),
+    (32, 32, 8, 3, (128,)),
+]
+_BWD = [
+    # dK/dV and dQ kernels share one list.
+    (64, 64, 8, 2, _SMALL_D),
+    (32, 64, 4, 2, _SMALL_D),
+    (64, 32, 4, 2, _SMALL_D),
+    (32, 32, 4, 2, (16, 32, 64, 128)),
+    (32, 32, 8, 2, (128,)),
+]
+_PRE_BLOCK_M = 64
+
+INTERPRET_FWD = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+INTERPRET_BWD = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+
+
+def _cfgs(rows):
+    # The head dims a row is for travel in the Config as a plain attribute (not a kernel argument).
+    out = []
+    for m, n, w, s, dims in rows:
+        cfg = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        cfg.head_dims = dims
+        out.append(cfg)
+    return out
+
+
+def fwd_configs():
+    return [INTERPRET_FWD] if interpreter_enabled() else _cfgs(_FWD)
+
+
+def bwd_configs():
+    return [INTERPRET_BWD] if interpreter_enabled() else _cfgs(_BWD)
+
+
+def _fits(cfg: triton.Config, head_dim: int, dtype_bytes: int, causal: bool, seqlen: int, fp32_tile: int) -> bool:
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    if head_dim not in getattr(cfg, "head_dims", (head_dim,)):
+        return False
+    if causal and bm % bn != 0:  # the causal split point is a multiple of BLOCK_M that must be BLOCK_N-aligned
+        return False
+    if dtype_bytes == 4 and bm * bn > fp32_tile:  # fp32 operands (ieee dots) take twice the registers
+        return False
+    return not (bm > 64 and seqlen <= 64)  # short sequences: a 128-row block would be mostly masked
+
+
+def fwd_config_fits(cfg, head_dim, dtype_bytes, causal, seqlen):
+    """Whether a forward config is legal and worth trying for this problem."""
+    return _fits(cfg, head_dim, dtype_bytes, causal, seqlen, fp32_tile=64 * 32)
+
+
+def bwd_config_fits(cfg, head_dim, dtype_bytes, causal, seqlen):
+    return _fits(cfg, head_dim, dtype_bytes, False, seqlen, fp32_tile=32 * 32)
+
+
+def _prune(fits):
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"]
+        args = {**named_args, **kwargs}
+        kept = [
+            c for c in configs
+            if fits(c, args["HEAD_DIM"], q.element_size(), bool(args["CAUSAL"]), int(args["N"]))
+        ]
+        # Never return an empty list: the smallest config is legal for every problem.
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    return prune
+
+
+prune_fwd = _prune(fwd_config_fits)
+prune_bwd = _prune(bwd_config_fits)
+
+
+def default_fwd_rows(head_dim: int, dtype_bytes: int, causal: bool, seqlen: int = 4096):
+    """The (BLOCK_M, BLOCK_N, warps, stages) rows autotuning may pick for this problem on a GPU."""
+    return [c for c in _cfgs(_FWD) if fwd_config_fits(c, head_dim, dtype_bytes, causal, seqlen)]
+
+
+def default_bwd_rows(head_dim: int, dtype_bytes: int, causal: bool, seqlen: int = 4096):
+    return [c for c in _cfgs(_BWD) if bwd_config_fits(c, head_dim, dtype_bytes, causal, seqlen)]
+
+
+PRE_BLOCK_M = _PRE_BLOCK_M

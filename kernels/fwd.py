@@ -1,0 +1,230 @@
+"""Fused differential-attention forward: both softmax maps and their λ-difference in one tiled pass.
+
+Layout: jit kernels (inner loop, then the program) -> launch helper. The autograd wrapper lives in `ops.py`.
+
+One program owns BLOCK_M query rows of one diff-head h (query/key heads 2h and 2h+1, value head h). It loads its two
+query tiles once, then streams the K1, K2 and V tiles of every key block once, keeping two online-softmax states
+(running max m and sum l, in the log2 domain) and two fp32 accumulators of width 2d. The difference
+``acc1/l1 − λ·acc2/l2`` is taken in fp32 before the single down-cast; the optional RMS-norm epilogue also runs in
+fp32 on that row.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import alloc
+from .configs import fwd_configs, prune_fwd
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _fwd_inner(
+    acc1, acc2, m1, m2, l1, l2,
+    q1, q2,
+    k1_base, k2_base, v_base,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m, offs_d, offs_dv,
+    lo, hi, N, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold key blocks [lo, hi) into both online-softmax states.
+
+    MASKED=False is the hot path: every key in the range exists and is visible to every row of the block, so no
+    mask is built. MASKED=True handles the sequence tail and the causal diagonal.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_off = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_off = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        if MASKED:
+            in_seq = offs_n < N
+            k1 = tl.load(k1_base + k_off, mask=in_seq[:, None], other=0.0)
+            k2 = tl.load(k2_base + k_off, mask=in_seq[:, None], other=0.0)
+            v = tl.load(v_base + v_off, mask=in_seq[:, None], other=0.0)
+            visible = in_seq[None, :]
+            if CAUSAL:
+                visible = visible & (offs_m[:, None] >= offs_n[None, :])
+        else:
+            k1 = tl.load(k1_base + k_off)
+            k2 = tl.load(k2_base + k_off)
+            v = tl.load(v_base + v_off)
+
+        # ---- map 1 ----
+        s1 = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            s1 = tl.where(visible, s1, float("-inf"))
+        m1_new = tl.maximum(m1, tl.max(s1, 1))
+        if MASKED:  # a row with no visible key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+            m1_new = tl.where(m1_new == float("-inf"), 0.0, m1_new)
+        alpha1 = tl.math.exp2(m1 - m1_new)
+        p1 = tl.math.exp2(s1 - m1_new[:, None])
+        l1 = l1 * alpha1 + tl.sum(p1, 1)
+        acc1 = acc1 * alpha1[:, None]
+        acc1 = tl.dot(p1.to(v.dtype), v, acc1, input_precision=DOT_PRECISION)
+        m1 = m1_new
+        # ---- map 2 ----
+        s2 = tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            s2 = tl.where(visible, s2, float("-inf"))
+        m2_new = tl.maximum(m2, tl.max(s2, 1))
+        if MASKED:
+            m2_new = tl.where(m2_new == float("-inf"), 0.0, m2_new)
+        alpha2 = tl.math.exp2(m2 - m2_new)
+        p2 = tl.math.exp2(s2 - m2_new[:, None])
+        l2 = l2 * alpha2 + tl.sum(p2, 1)
+        acc2 = acc2 * alpha2[:, None]
+        acc2 = tl.dot(p2.to(v.dtype), v, acc2, input_precision=DOT_PRECISION)
+        m2 = m2_new
+    return acc1, acc2, m1, m2, l1, l2
+
+
+@triton.jit
+def _diff_attn_fwd_kernel(
+    Q, K, V, LAM, NORM_W, OUT, LSE, O2, OPRE,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_lb, stride_lh, stride_ln,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, N, N_BUCKET, qk_scale, norm_eps, out_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_NORM: tl.constexpr, SAVE_FOR_BWD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, 2 * HEAD_DIM)
+    row_ok = offs_m < N
+
+    q1_base = Q + b * stride_qb + (2 * h) * stride_qh
+    k1_base = K + b * stride_kb + (2 * h) * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    q_off = offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q1 = tl.load(q1_base + q_off, mask=row_ok[:, None], other=0.0)
+    q2 = tl.load(q1_base + stride_qh + q_off, mask=row_ok[:, None], other=0.0)
+
+    m1 = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    m2 = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, 2 * HEAD_DIM], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, 2 * HEAD_DIM], dtype=tl.float32)
+
+    # Key blocks below `lo` need no mask; [lo, hi) holds the sequence tail (and, when causal, the diagonal).
+    # Causal programs never visit key blocks above their last row: those are skipped, not masked.
+    if CAUSAL:
+        lo = start_m * BLOCK_M
+        hi = tl.minimum((start_m + 1) * BLOCK_M, N)
+    else:
+        lo = (N // BLOCK_N) * BLOCK_N
+        hi = N
+    acc1, acc2, m1, m2, l1, l2 = _fwd_inner(
+        acc1, acc2, m1, m2, l1, l2, q1, q2, k1_base, k1_base + stride_kh, v_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv,
+        0, lo, N, qk_scale, False, CAUSAL, BLOCK_N, DOT_PRECISION,
+    )
+    acc1, acc2, m1, m2, l1, l2 = _fwd_inner(
+        acc1, acc2, m1, m2, l1, l2, q1, q2, k1_base, k1_base + stride_kh, v_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv,
+        lo, hi, N, qk_scale, True, CAUSAL, BLOCK_N, DOT_PRECISION,
+    )
+
+    # Epilogue. Ordered so that few (BLOCK_M, 2d) fp32 tiles are live at once: O2 is finished (and saved) first,
+    # then folded into the difference in place. Tile offsets stay int32 on top of 64-bit scalar bases.
+    # A row whose keys are all masked has l == 0: it outputs 0 instead of 0/0.
+    has1 = l1 > 0
+    has2 = l2 > 0
+    row_ok = offs_m < N
+    tile_off = offs_m[:, None] * (2 * HEAD_DIM) + offs_dv[None, :]  # in the contiguous saved (B, H, N, 2d) layout
+    sav_base = ((b * H + h) * N) * (2 * HEAD_DIM)
+    acc2 = acc2 * (1.0 / tl.where(has2, l2, 1.0))[:, None]  # = O2
+    if SAVE_FOR_BWD:
+        tl.store(O2 + sav_base + tile_off, acc2.to(O2.dtype.element_ty), mask=row_ok[:, None])
+    lam = tl.load(LAM + b * stride_lb + h * stride_lh + offs_m * stride_ln, mask=row_ok, other=0.0).to(tl.float32)
+    # o = O1 − λ·O2 in fp32, before any down-cast
+    acc1 = acc1 * (1.0 / tl.where(has1, l1, 1.0))[:, None] - lam[:, None] * acc2
+
+    out_ptrs = OUT + b * stride_ob + h * stride_oh + (offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od)
+    if HAS_NORM:
+        if SAVE_FOR_BWD:
+            tl.store(OPRE + sav_base + tile_off, acc1.to(OPRE.dtype.element_ty), mask=row_ok[:, None])
+        rstd = tl.math.rsqrt(tl.sum(acc1 * acc1, 1) / (2 * HEAD_DIM) + norm_eps)
+        w = tl.load(NORM_W + offs_dv).to(tl.float32)
+        acc1 = acc1 * rstd[:, None] * (w * out_scale)[None, :]
+    else:
+        acc1 = acc1 * out_scale
+    tl.store(out_ptrs, acc1.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+    if SAVE_FOR_BWD:
+        # Per-row natural-log LSEs of both maps in (B, 2H, N), indexed like the query heads. Rows without keys
+        # get +inf so that the backward's exp(s - lse) is 0 there.
+        LN2: tl.constexpr = 0.6931471805599453
+        lse1 = tl.where(has1, (m1 + tl.math.log2(tl.where(has1, l1, 1.0))) * LN2, float("inf"))
+        lse2 = tl.where(has2, (m2 + tl.math.log2(tl.where(has2, l2, 1.0))) * LN2, float("inf"))
+        lse_base = LSE + (b * 2 * H + 2 * h) * N
+        tl.store(lse_base + offs_m, lse1, mask=row_ok)
+        tl.store(lse_base + N + offs_m, lse2, mask=row_ok)
+
+
+_diff_attn_fwd = triton.autotune(
+    configs=fwd_configs(),
+    key=["N_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_NORM", "SAVE_FOR_BWD"],
+    prune_configs_by={"early_config_prune": prune_fwd},
+)(
+    triton.heuristics(
+        {
+            "HAS_NORM": lambda a: a["NORM_W"] is not None,
+            "SAVE_FOR_BWD": lambda a: a["O2"] is not None,
+        }
+    )(_diff_attn_fwd_kernel)
+)
+
+
+def seqlen_bucket(n: int) -> int:
+    """Autotune key for the sequence length: the next power of two (at least 16)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 products (PyTorch's default for matmul); fp16/bf16 use tensor cores as usual.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def diff_attn_fwd(q, k, v, lam_bhn, norm_weight, *, causal, scale, norm_eps, out_scale, save_for_bwd):
+    """Launch the forward kernel. Arguments are already validated (see `validate.py`).
+
+    Returns ``(out, lse, o2, o_pre)``. `out` is (B, H, N, 2d), a transposed view of a (B, N, H, 2d) buffer so that
+    the model's ``out.transpose(1, 2).reshape(B, N, H * 2d)`` is free. The others are None unless
+    `save_for_bwd`: lse (B, 2H, N) fp32; o2 (B, H, N, 2d) the second map's output; o_pre the pre-norm difference
+    (only with the norm epilogue; otherwise `out` itself is the pre-norm difference).
+    """
+    B, H2, N, d = q.shape
+    H = H2 // 2
+    out = alloc.empty(B, N, H, 2 * d, dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = o2 = o_pre = None
+    if save_for_bwd:
+        lse = alloc.empty(B, H2, N, dtype=torch.float32, device=q.device)
+        o2 = alloc.empty(B, H, N, 2 * d, dtype=q.dtype, device=q.device)
+        if norm_weight is not None:
+            o_pre = alloc.empty(B, H, N, 2 * d, dtype=q.dtype, device=q.device)
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+
+    _diff_attn_fwd[grid](
+        q, k, v, lam_bhn, norm_weight, out, lse, o2, o_pre,
+        *q.stride(), *k.stride(), *v.stride(), *lam_bhn.stride(), *out.stride(),
+        H, N, seqlen_bucket(N), scale * LOG2E, norm_eps, out_scale,
+        HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
+    )
+    return out, lse, o2, o_pre
+
+

@@ -1,0 +1,60 @@
+"""Plain PyTorch differential attention: the eager backend of the model, the benchmarks' baseline, and (evaluated in
+float64) the ground truth of the tests.
+
+It materialises both (N, N) attention maps, as the official DiffCLIP / Diff-Transformer code does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .validate import check_diff_attn_args
+
+
+def rms_norm_epilogue(o: torch.Tensor, norm_weight: torch.Tensor, norm_eps: float, out_scale: float) -> torch.Tensor:
+    """DiffCLIP's per-head RMS norm over the last dim (2d), in fp32 (fp64 for fp64 input), times out_scale."""
+    acc = torch.promote_types(o.dtype, torch.float32)
+    of = o.to(acc)
+    rstd = torch.rsqrt(of.pow(2).mean(dim=-1, keepdim=True) + norm_eps)
+    return (of * rstd * norm_weight.to(acc) * out_scale).to(o.dtype)
+
+
+def diff_attn_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lam,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-5,
+    out_scale: float = 1.0,
+) -> torch.Tensor:
+    """Differential attention in eager PyTorch; same signature and semantics as `kernels.diff_attn`.
+
+    q, k: (B, 2H, N, d); v: (B, H, N, 2d) -> (B, H, N, 2d) in the input dtype. Diff-head h pairs heads 2h, 2h+1:
+    ``softmax(s·Q[2h]K[2h]ᵀ + M)V[h] − λ·softmax(s·Q[2h+1]K[2h+1]ᵀ + M)V[h]``, then optionally
+    ``o·rsqrt(mean(o²) + norm_eps)·norm_weight·out_scale``.
+
+    Scores and the final product with V run in the input dtype (as eager model code does); softmax, the
+    λ-difference and the norm run in fp32 (fp64 for fp64 inputs). Runs on any device, any float dtype, any d.
+    """
+    args = check_diff_attn_args(
+        q, k, v, lam, causal=causal, scale=scale, norm_weight=norm_weight, norm_eps=norm_eps,
+        out_scale=out_scale, for_kernel=False,
+    )
+    B, H, N = args.batch, args.heads, args.seqlen
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(acc) * args.scale  # (B, 2H, N, N)
+    if causal:
+        keep = torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(B, H, 2, N, N)
+    attn = probs[:, :, 0] - args.lam.to(acc)[..., None] * probs[:, :, 1]  # (B, H, N, N), fp32
+    out = torch.matmul(attn.to(q.dtype), v)  # (B, H, N, 2d)
+    if norm_weight is not None:
+        out = rms_norm_epilogue(out, norm_weight, norm_eps, out_scale)
+    elif out_scale != 1.0:
+        out = (out.to(acc) * out_scale).to(q.dtype)
+    return out

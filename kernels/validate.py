@@ -1,0 +1,139 @@
+"""Argument checking shared by `diff_attn` and `diff_attn_reference`.
+
+Every bad input gets a `TypeError`/`ValueError` that names the argument and what was expected, before anything is
+launched: a wrong shape must never surface as an out-of-bounds read inside a Triton kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class DiffAttnArgs:
+    """Normalised arguments: sizes, the scale as a float, and λ as a (B, H, N) view (stride 0 where it broadcasts)."""
+
+    batch: int
+    heads: int  # diff-heads H; q and k carry 2H heads
+    seqlen: int
+    head_dim: int
+    scale: float
+    # (B, H, N), fp32 (fp64 for fp64 inputs), an expand()ed view of the caller's λ: no copy, and autograd reduces
+    # its gradient back to λ's own shape (0-d, (H,), (B, H, N)) through the expand.
+    lam: torch.Tensor
+
+
+def _require_tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _finite_float(name: str, x, *, positive: bool = False) -> float:
+    if isinstance(x, bool) or not isinstance(x, Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    if positive and x <= 0:
+        raise ValueError(f"{name} must be > 0, got {x}")
+    return x
+
+
+def _lam_to_bhn(lam, B: int, H: int, N: int, dtype: torch.dtype, device: torch.device):
+    """λ as a (B, H, N) tensor of `dtype` on `device`.
+
+    Accepted: a Python number; a 0-d tensor (one λ per layer, DiffCLIP); an (H,) tensor (per head); a (B, H, N)
+    tensor (per query token, Diff-Transformer V2); and, generally, any 2-d/3-d tensor that broadcasts to (B, H, N).
+    A 1-d tensor always means per head, even when H == N.
+    """
+    expected = f"a number, a 0-d tensor, an (H,)=({H},) tensor or a tensor broadcastable to (B, H, N)=({B}, {H}, {N})"
+    if isinstance(lam, torch.Tensor):
+        if not (lam.is_floating_point()):
+            raise TypeError(f"lam must be a floating-point tensor, got dtype {lam.dtype}")
+        shape = lam.shape
+        if lam.device != device:
+            # A 0-d CPU λ next to CUDA inputs is common (torch.tensor(0.8)); moving one scalar is not a fallback.
+            if lam.dim() == 0 and lam.device.type == "cpu":
+                lam = lam.to(device)
+            else:
+                raise ValueError(f"lam is on {lam.device} but q is on {device}")
+        if lam.device.type == "cpu" and not torch.isfinite(lam).all():
+            # On an accelerator this check would cost a host sync per call; there a non-finite λ shows as
+            # non-finite outputs instead (documented in diff_attn's docstring).
+            raise ValueError("lam must be finite, got non-finite values")
+        if lam.dim() == 0:
+            view = lam.reshape(1, 1, 1)
+        elif lam.dim() == 1:
+            if lam.shape[0] not in (1, H):
+                raise ValueError(f"lam must be {expected}; got shape {tuple(shape)}")
+            view = lam.reshape(1, -1, 1)
+        elif lam.dim() in (2, 3):
+            view = lam.reshape((1,) * (3 - lam.dim()) + tuple(lam.shape))
+            for got, want in zip(view.shape, (B, H, N)):
+                if got not in (1, want):
+                    raise ValueError(f"lam must be {expected}; got shape {tuple(shape)}")
+        else:
+            raise ValueError(f"lam must be {expected}; got shape {tuple(shape)}")
+        return view.to(dtype).expand(B, H, N)
+    value = _finite_float("lam", lam)
+    return torch.full((1, 1, 1), value, dtype=dtype, device=device).expand(B, H, N)
+
+
+def check_diff_attn_args(q, k, v, lam, *, causal, scale, norm_weight, norm_eps, out_scale, for_kernel: bool):
+    """Validate `diff_attn`'s arguments; return a `DiffAttnArgs`.
+
+    `for_kernel` adds the Triton kernel's own limits (dtype, head dim); the reference runs any float dtype and d.
+    """
+    q = _require_tensor("q", q)
+    k = _require_tensor("k", k)
+    v = _require_tensor("v", v)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            want = "(B, H, N, 2d)" if name == "v" else "(B, 2H, N, d)"
+            raise ValueError(f"{name} must be 4-d {want}, got shape {tuple(x.shape)}")
+    B, H2, N, d = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape (B, 2H, N, d)={tuple(q.shape)}, got {tuple(k.shape)}")
+    if H2 % 2 != 0:
+        raise ValueError(f"q and k must have an even number of heads 2H (pairs 2h, 2h+1), got {H2}")
+    H = H2 // 2
+    if v.shape != (B, H, N, 2 * d):
+        raise ValueError(
+            f"v must have shape (B, H, N, 2d)=({B}, {H}, {N}, {2 * d}) for q of shape {tuple(q.shape)}, "
+            f"got {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.is_floating_point():
+        raise TypeError(f"q, k, v must be floating point, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if for_kernel:
+        if q.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"q, k, v dtype must be one of float16, bfloat16, float32 for the kernel, got {q.dtype}")
+        if d not in KERNEL_HEAD_DIMS:
+            raise ValueError(f"head dim d (q.shape[-1]) must be one of {KERNEL_HEAD_DIMS} for the kernel, got {d}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    scale = d**-0.5 if scale is None else _finite_float("scale", scale, positive=True)
+    _finite_float("norm_eps", norm_eps, positive=True)
+    _finite_float("out_scale", out_scale)
+    if norm_weight is not None:
+        _require_tensor("norm_weight", norm_weight)
+        if norm_weight.shape != (2 * d,):
+            raise ValueError(f"norm_weight must have shape (2d,)=({2 * d},), got {tuple(norm_weight.shape)}")
+        if not norm_weight.is_floating_point():
+            raise TypeError(f"norm_weight must be floating point, got {norm_weight.dtype}")
+        if norm_weight.device != q.device:
+            raise ValueError(f"norm_weight is on {norm_weight.device} but q is on {q.device}")
+    # λ stays in fp32 (fp64 only when the inputs are fp64, for the float64 reference evaluation).
+    lam_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return DiffAttnArgs(B, H, N, d, scale, _lam_to_bhn(lam, B, H, N, lam_dtype, q.device))

@@ -1,0 +1,49 @@
+"""Install script for DiffCLIP-Triton: the fused differential-attention kernel (`kernels`) and the DiffCLIP model
+(`diffclip`).
+
+`pip install -e .` gives the kernel and the model's eager/SDPA paths; `.[clip]` adds the tokenizer, image
+preprocessing, checkpoint download and the `diffclip` command line; `.[dev]` adds everything plus the test and
+benchmark tools.
+"""
+
+from setuptools import find_packages, setup
+
+CLIP = [
+    "open_clip_torch>=2.20",  # CLIP BPE tokenizer (ships its vocabulary)
+    "torchvision",  # validation transform
+    "huggingface_hub>=0.20",  # checkpoint download + cache
+    "safetensors>=0.4",
+    "pillow",
+    "numpy",
+    "tqdm",
+]
+TEST = ["pytest>=7", "pytest-benchmark>=4"]
+BENCH = ["matplotlib"]
+
+setup(
+    name="diffclip-triton",
+    version="0.1.0",
+    description="Fused Triton differential attention (Differential Transformer / DiffCLIP) and the DiffCLIP model",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kernels", "kernels.*", "diffclip", "diffclip.*", "benchmarks"]),
+    install_requires=[
+        "torch>=2.4",
+        "einops",
+        # Triton ships Linux wheels only; elsewhere `kernels` imports fine and only the Triton path errors.
+        "triton>=3.6; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "clip": CLIP,
+        "test": TEST,
+        "bench": BENCH,
+        "dev": CLIP + TEST + BENCH,
+    },
+    entry_points={"console_scripts": ["diffclip = diffclip.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: MIT License",
+        "Operating System :: POSIX :: Linux",
+    ],
+)

@@ -1,0 +1,58 @@
+"""Shared builders for kernel tests: fresh random inputs in the layouts a model produces."""
+
+import torch
+
+
+def make_qkv(B, H, N, d, dtype, device, layout="contiguous", requires_grad=False, seed=0):
+    """q, k: (B, 2H, N, d); v: (B, H, N, 2d).
+
+    layout: "contiguous"; "linear" (views of (B, N, 2H·d) projections, transposed: what a model feeds in);
+    "fused" (slices of one (B, N, 3, ·) qkv buffer: non-dense strides).
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float32)
+
+    if layout == "contiguous":
+        q, k, v = rnd(B, 2 * H, N, d), rnd(B, 2 * H, N, d), rnd(B, H, N, 2 * d)
+        q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))
+    elif layout == "linear":
+        q = rnd(B, N, 2 * H * d).to(device=device, dtype=dtype).view(B, N, 2 * H, d).transpose(1, 2)
+        k = rnd(B, N, 2 * H * d).to(device=device, dtype=dtype).view(B, N, 2 * H, d).transpose(1, 2)
+        v = rnd(B, N, 2 * H * d).to(device=device, dtype=dtype).view(B, N, H, 2 * d).transpose(1, 2)
+    elif layout == "fused":
+        qkv = rnd(B, N, 3, 2 * H * d).to(device=device, dtype=dtype)
+        q = qkv[:, :, 0].view(B, N, 2 * H, d).transpose(1, 2)
+        k = qkv[:, :, 1].view(B, N, 2 * H, d).transpose(1, 2)
+        v = qkv[:, :, 2].view(B, N, H, 2 * d).transpose(1, 2)
+        if requires_grad:  # leaves are needed for .grad; keep the strides by detaching the views
+            q, k, v = (t.detach() for t in (q, k, v))
+    else:
+        raise ValueError(layout)
+    if requires_grad:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    return q, k, v
+
+
+def make_lam(kind, value, B, H, N, device, requires_grad=False, seed=1):
+    """λ of one kind around `value`; exact 0 stays 0 in every kind (λ = 0 is a case of its own)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "float":
+        return float(value)
+    if kind == "scalar":
+        lam = torch.tensor(value, dtype=torch.float32)
+    elif kind == "head":
+        lam = value * (1 + 0.25 * torch.arange(H, dtype=torch.float32) / H)
+    elif kind == "token":
+        lam = value * (1 + 0.25 * torch.rand(B, H, N, generator=g))
+    else:
+        raise ValueError(kind)
+    return lam.to(device).requires_grad_(requires_grad)
+
+
+def to64(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().double().requires_grad_(x.requires_grad)
+    return x

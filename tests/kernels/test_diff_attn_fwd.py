@@ -1,0 +1,116 @@
+"""Forward kernel vs a float64 evaluation of the reference, on fresh random inputs.
+
+The grid is a covering design, not a full product: every N x d x causal x dtype cell runs, and B, H, λ value,
+λ kind, epilogue and input layout cycle across cells so that each of their values meets every N, d and dtype.
+"""
+
+import itertools
+
+import pytest
+import torch
+from cases import make_lam, make_qkv, to64
+from conftest import DEVICE
+from tolerances import FWD, assert_close, assert_close_lowp
+
+from kernels import diff_attn, diff_attn_reference
+
+NS = [1, 17, 77, 128, 197, 300]
+DS = [16, 32, 64, 128]
+LAMS = [0.0, -0.2, 0.8, 1.3]
+LAM_KINDS = ["float", "head", "token", "scalar"]
+LAYOUTS = ["contiguous", "linear", "fused"]
+DTYPES = [torch.float32, torch.float16] if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _cases():
+    out = []
+    for i, (N, d, causal) in enumerate(itertools.product(NS, DS, (False, True))):
+        B, H = 1 + i % 2, (1, 3)[(i // 2) % 2]
+        lam, kind = LAMS[(i // 3) % 4], LAM_KINDS[i % 4]
+        norm, layout = (i // 2) % 2 == 0, LAYOUTS[i % 3]
+        cid = f"B{B}-H{H}-N{N}-d{d}{'-causal' if causal else ''}-lam{lam}-{kind}{'-norm' if norm else ''}-{layout}"
+        out.append(pytest.param(B, H, N, d, causal, lam, kind, norm, layout, id=cid))
+    return out
+
+
+def _run(B, H, N, d, causal, lam_value, kind, norm, layout, dtype, seed=0):
+    q, k, v = make_qkv(B, H, N, d, dtype, DEVICE, layout, seed=seed)
+    lam = make_lam(kind, lam_value, B, H, N, DEVICE)
+    g = torch.Generator().manual_seed(seed + 7)
+    w = (1 + 0.5 * torch.randn(2 * d, generator=g)).to(DEVICE) if norm else None
+    kw = dict(causal=causal, norm_weight=w, out_scale=0.2 if norm else 1.0)
+    return (q, k, v, lam, kw), diff_attn(q, k, v, lam, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("B,H,N,d,causal,lam,kind,norm,layout", _cases())
+def test_forward_matches_float64_reference(B, H, N, d, causal, lam, kind, norm, layout, dtype, poison):
+    (q, k, v, lam_t, kw), out = _run(B, H, N, d, causal, lam, kind, norm, layout, dtype)
+    assert out.shape == (B, H, N, 2 * d) and out.dtype == dtype
+    kw64 = dict(kw, norm_weight=to64(kw["norm_weight"]))
+    ref = diff_attn_reference(to64(q), to64(k), to64(v), to64(lam_t), **kw64)
+    what = f"out {tuple(out.shape)}"
+    if dtype == torch.bfloat16:
+        lowp = diff_attn_reference(q, k, v, lam_t, **kw)
+        assert_close_lowp(out, ref, lowp, what)
+    else:
+        assert_close(out, ref, dtype, FWD, what)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_forward_is_deterministic(causal, poison):
+    args, first = _run(2, 3, 197, 64, causal, 0.8, "token", True, "linear", torch.float16)
+    q, k, v, lam, kw = args
+    second = diff_attn(q, k, v, lam, **kw)
+    assert torch.equal(first, second)
+
+
+def test_output_is_view_of_token_major_buffer(poison):
+    """The model's transpose(1, 2).reshape(B, N, H·2d) must cost nothing."""
+    (q, k, v, lam, kw), out = _run(2, 3, 77, 32, False, 0.8, "float", False, "linear", torch.float32)
+    flat = out.transpose(1, 2).reshape(2, 77, 3 * 64)
+    assert flat.data_ptr() == out.data_ptr() and flat.is_contiguous()
+
+
+def test_lse_and_o2_saved_for_backward(poison):
+    """The forward's saved state: per-row LSE of both maps (natural log) and O2, checked directly."""
+    from kernels.fwd import diff_attn_fwd
+
+    B, H, N, d = 1, 2, 77, 32
+    q, k, v = make_qkv(B, H, N, d, torch.float32, DEVICE, "linear")
+    lam = torch.full((B, H, N), 0.7, device=DEVICE)
+    out, lse, o2, o_pre = diff_attn_fwd(q, k, v, lam, None, causal=True, scale=d**-0.5, norm_eps=1e-5,
+                                        out_scale=1.0, save_for_bwd=True)
+    assert o_pre is None
+    s = (q.double() @ k.double().transpose(-1, -2)) * d**-0.5
+    s = s.masked_fill(~torch.ones(N, N, dtype=torch.bool, device=DEVICE).tril(), float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
+    o2_ref = torch.softmax(s, -1).view(B, H, 2, N, N)[:, :, 1] @ v.double()
+    assert_close(o2, o2_ref, torch.float32, FWD, "o2")
+
+
+def test_lambda_zero_is_plain_attention(poison):
+    """λ = 0 must reduce to softmax(s·Q1K1ᵀ)V exactly as PyTorch's SDPA computes it (nothing divides by λ)."""
+    B, H, N, d = 1, 2, 77, 64
+    q, k, v = make_qkv(B, H, N, d, torch.float32, DEVICE)
+    out = diff_attn(q, k, v, 0.0)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q[:, 0::2].double(), k[:, 0::2].double(), v.double())
+    assert_close(out, sdpa, torch.float32, FWD, "lam=0")
+
+
+def test_no_grad_writes_nothing_extra(poison):
+    from kernels.fwd import diff_attn_fwd
+
+    q, k, v = make_qkv(1, 1, 17, 16, torch.float32, DEVICE)
+    lam = torch.zeros(1, 1, 17, device=DEVICE)
+    _, lse, o2, o_pre = diff_attn_fwd(q, k, v, lam, None, causal=False, scale=0.25, norm_eps=1e-5, out_scale=1.0,
+                                      save_for_bwd=False)
+    assert lse is None and o2 is None and o_pre is None
+
+
+@pytest.mark.parametrize("B,N", [(0, 5), (2, 0)], ids=["B0", "N0"])
+def test_empty_input_returns_empty(B, N):
+    q, k = torch.randn(B, 2, N, 16, device=DEVICE), torch.randn(B, 2, N, 16, device=DEVICE)
+    v = torch.randn(B, 1, N, 32, device=DEVICE)
+    out = diff_attn(q, k, v, 0.5)
+    assert out.shape == (B, 1, N, 32)
