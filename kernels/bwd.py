@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import alloc
-from .configs import PRE_BLOCK_M, bwd_configs, prune_bwd
+from .configs import bwd_dkdv_configs, bwd_dq_configs, prune_bwd, pre_block_m
 from .fwd import LOG2E, dot_precision, seqlen_bucket
 
 _LOG2E = tl.constexpr(LOG2E)  # kernels may only read globals declared constexpr
@@ -228,12 +228,9 @@ def _bwd_dq_kernel(
 
 
 _KEY = ["N_BUCKET", "HEAD_DIM", "CAUSAL"]
-_bwd_dkdv = triton.autotune(configs=bwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": prune_bwd})(
-    _bwd_dkdv_kernel
-)
-_bwd_dq = triton.autotune(configs=bwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": prune_bwd})(
-    _bwd_dq_kernel
-)
+_PRUNE = {"early_config_prune": prune_bwd}
+_bwd_dkdv = triton.autotune(configs=bwd_dkdv_configs(), key=_KEY, prune_configs_by=_PRUNE)(_bwd_dkdv_kernel)
+_bwd_dq = triton.autotune(configs=bwd_dq_configs(), key=_KEY, prune_configs_by=_PRUNE)(_bwd_dq_kernel)
 
 
 def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal, scale, norm_eps, out_scale,
@@ -245,7 +242,8 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
     B, H2, N, d = q.shape
     H = H2 // 2
     has_norm = norm_weight is not None
-    n_pre = triton.cdiv(N, PRE_BLOCK_M)
+    pre_m = pre_block_m(d)
+    n_pre = triton.cdiv(N, pre_m)
     delta = alloc.empty(B, H2, N, dtype=torch.float32, device=q.device)
     do = alloc.empty(B, H, N, 2 * d, dtype=q.dtype, device=q.device) if has_norm else None
     dw_part = alloc.empty(B * H * n_pre, 2 * d, dtype=torch.float32, device=q.device) if has_norm and needs_dw \
@@ -254,7 +252,7 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
         dout, o_ref, o2, lam_bhn, norm_weight, do, delta, dw_part,
         *dout.stride(), *o_ref.stride(), *lam_bhn.stride(),
         H, N, norm_eps, out_scale,
-        HEAD_DIM=d, HAS_NORM=has_norm, NEED_DW=dw_part is not None, BLOCK_M=PRE_BLOCK_M,
+        HEAD_DIM=d, HAS_NORM=has_norm, NEED_DW=dw_part is not None, BLOCK_M=pre_m,
     )
     # With the norm, the main kernels read the epilogue's gradient; without it, the incoming gradient itself
     # and apply out_scale (do_scale) inside.

@@ -9,6 +9,9 @@ Triton) reports registers and spills.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -20,6 +23,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import configs
+from .runtime import interpreter_enabled
 
 # Shared memory per block that a kernel may use (opt-in maximum), in bytes.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -159,7 +163,7 @@ def compile_preprocess(arch, dtype, head_dim, has_norm=True):
     from . import bwd
 
     fn = bwd._bwd_preprocess_kernel
-    cfg = triton.Config({"BLOCK_M": configs.PRE_BLOCK_M}, num_warps=4, num_stages=1)
+    cfg = triton.Config({"BLOCK_M": configs.pre_block_m(head_dim)}, num_warps=4, num_stages=1)
     ptrs = {a: "x" for a in ("DOUT", "OREF", "O2", "DO")}
     ptrs.update({"LAM": "*fp32", "NORM_W": "*fp32", "DELTA": "*fp32", "DW_PART": "*fp32"})
     sig, const = _bwd_signature(fn, dtype, head_dim, False, cfg, ptrs)
@@ -176,7 +180,7 @@ def _result(kernel, compiled, arch, dtype, head_dim, causal, cfg):
     regs, stores, loads = ptxas_report(compiled.asm["ptx"], arch)
     return CompileResult(
         kernel, arch, dtype, head_dim, causal,
-        f"BLOCK_M={cfg.kwargs['BLOCK_M']} BLOCK_N={cfg.kwargs['BLOCK_N']} w={cfg.num_warps} s={cfg.num_stages}",
+        " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w={cfg.num_warps} s={cfg.num_stages}",
         compiled.metadata.shared, regs, stores, loads,
     )
 
@@ -190,15 +194,61 @@ def check_fwd(arch, dtype, head_dim, causal):
     ]
 
 
-def main():  # pragma: no cover - a developer's table
-    print(f"{'kernel':8} {'sm':>3} {'dtype':5} {'d':>4} {'causal':6} {'config':34} {'smem':>7} {'regs':>4} spills")
-    for arch in (80, 90):
-        for dtype in ("fp16", "bf16"):
-            for d in (64, 128):
+def check_fwd_inference(arch, dtype, head_dim, causal):
+    """The forward without the norm epilogue and without saving for backward (plain inference)."""
+    nbytes = 4 if dtype == "fp32" else 2
+    return [
+        _result("fwd_infer", compile_fwd(arch, dtype, head_dim, causal, cfg, has_norm=False, save_for_bwd=False),
+                arch, dtype, head_dim, causal, cfg)
+        for cfg in configs.default_fwd_rows(head_dim, nbytes, causal)
+    ]
+
+
+def check_bwd(kernel, arch, dtype, head_dim, causal):
+    """Compile every default config of the "dkdv" or "dq" backward kernel for one problem class."""
+    nbytes = 4 if dtype == "fp32" else 2
+    return [
+        _result(kernel, compile_bwd(kernel, arch, dtype, head_dim, causal, cfg), arch, dtype, head_dim, causal, cfg)
+        for cfg in configs.default_bwd_rows(kernel, head_dim, nbytes, causal)
+    ]
+
+
+def check_preprocess(arch, dtype, head_dim, has_norm=True):
+    cfg = triton.Config({"BLOCK_M": configs.pre_block_m(head_dim)}, num_warps=4, num_stages=1)
+    return _result("bwd_pre", compile_preprocess(arch, dtype, head_dim, has_norm), arch, dtype, head_dim, False, cfg)
+
+
+def collect(archs=(80, 90), dtypes=("fp16", "bf16"), head_dims=(64, 128)):
+    """Compile every default config of every kernel for each problem class; a list of CompileResult."""
+    out = []
+    for arch in archs:
+        for dtype in dtypes:
+            for d in head_dims:
+                out.append(check_preprocess(arch, dtype, d, has_norm=False))
+                out.append(check_preprocess(arch, dtype, d, has_norm=True))
+                out += check_fwd_inference(arch, dtype, d, causal=False)
                 for causal in (False, True):
-                    for r in check_fwd(arch, dtype, d, causal):
-                        print(f"{r.kernel:8} {r.arch:>3} {r.dtype:5} {r.head_dim:>4} {str(r.causal):6} "
-                              f"{r.config:34} {r.shared:>7} {r.registers:>4} {r.spill_stores}/{r.spill_loads}")
+                    out += check_fwd(arch, dtype, d, causal)
+                    for kernel in ("dkdv", "dq"):
+                        out += check_bwd(kernel, arch, dtype, d, causal)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the results here instead of printing a table")
+    args = parser.parse_args(argv)
+    if interpreter_enabled():
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter's @triton.jit objects cannot be compiled")
+    results = collect()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
+        return
+    print(f"{'kernel':8} {'sm':>3} {'dtype':5} {'d':>4} {'causal':6} {'config':34} {'smem':>7} {'regs':>4} spills")
+    for r in results:
+        print(f"{r.kernel:8} {r.arch:>3} {r.dtype:5} {r.head_dim:>4} {str(r.causal):6} "
+              f"{r.config:34} {r.shared:>7} {r.registers:>4} {r.spill_stores}/{r.spill_loads}")
 
 
 if __name__ == "__main__":

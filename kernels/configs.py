@@ -22,19 +22,25 @@ _FWD = [
     (64, 64, 8, 3, _SMALL_D),
     (64, 32, 8, 3, _SMALL_D),
     (32, 64, 4, 2, _SMALL_D),
-    (64, 32, 8, 2, (128,)),
     (32, 64, 8, 2, (128,)),
     (32, 32, 8, 3, (128,)),
-]
-_BWD = [
-    # dK/dV and dQ kernels share one list.
-    (64, 64, 8, 2, _SMALL_D),
-    (32, 64, 4, 2, _SMALL_D),
-    (64, 32, 4, 2, _SMALL_D),
-    (32, 32, 4, 2, (16, 32, 64, 128)),
     (32, 32, 8, 2, (128,)),
 ]
-_PRE_BLOCK_M = 64
+# Backward: the dK/dV program keeps dK1, dK2 (BLOCK_N x d) and dV (BLOCK_N x 2d) in fp32 while it streams query
+# blocks; the dQ program keeps dQ1, dQ2 (BLOCK_M x d). Rows chosen from a ptxas sweep (no spills on sm_80/sm_90).
+_BWD_DKDV = [
+    (64, 32, 8, 2, _SMALL_D),
+    (32, 32, 4, 2, _SMALL_D),
+    (64, 16, 4, 2, _SMALL_D),
+    (32, 32, 8, 2, (128,)),
+]
+_BWD_DQ = [
+    (64, 64, 8, 2, _SMALL_D),
+    (64, 32, 4, 2, _SMALL_D),
+    (32, 64, 4, 2, _SMALL_D),
+    (64, 32, 8, 2, (128,)),
+    (32, 64, 8, 2, (128,)),
+]
 
 INTERPRET_FWD = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 INTERPRET_BWD = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)
@@ -54,8 +60,12 @@ def fwd_configs():
     return [INTERPRET_FWD] if interpreter_enabled() else _cfgs(_FWD)
 
 
-def bwd_configs():
-    return [INTERPRET_BWD] if interpreter_enabled() else _cfgs(_BWD)
+def bwd_dkdv_configs():
+    return [INTERPRET_BWD] if interpreter_enabled() else _cfgs(_BWD_DKDV)
+
+
+def bwd_dq_configs():
+    return [INTERPRET_BWD] if interpreter_enabled() else _cfgs(_BWD_DQ)
 
 
 def _fits(cfg: triton.Config, head_dim: int, dtype_bytes: int, causal: bool, seqlen: int, fp32_tile: int) -> bool:
@@ -101,8 +111,13 @@ def default_fwd_rows(head_dim: int, dtype_bytes: int, causal: bool, seqlen: int 
     return [c for c in _cfgs(_FWD) if fwd_config_fits(c, head_dim, dtype_bytes, causal, seqlen)]
 
 
-def default_bwd_rows(head_dim: int, dtype_bytes: int, causal: bool, seqlen: int = 4096):
-    return [c for c in _cfgs(_BWD) if bwd_config_fits(c, head_dim, dtype_bytes, causal, seqlen)]
+def default_bwd_rows(kernel: str, head_dim: int, dtype_bytes: int, causal: bool, seqlen: int = 4096):
+    """Same for the backward's "dkdv" or "dq" kernel."""
+    rows = _BWD_DKDV if kernel == "dkdv" else _BWD_DQ
+    return [c for c in _cfgs(rows) if bwd_config_fits(c, head_dim, dtype_bytes, causal, seqlen)]
 
 
-PRE_BLOCK_M = _PRE_BLOCK_M
+def pre_block_m(head_dim: int) -> int:
+    """Rows per backward-preprocess program: the (rows x 2d) fp32 tiles it holds (dO, o, O2, g) stay at 4096
+    elements, i.e. 32 registers each for 4 warps, so d = 128 does not spill."""
+    return 4096 // (2 * head_dim)

@@ -1,0 +1,71 @@
+"""GPU compile check, on any machine: every default config of every kernel is compiled ahead of time for sm_80
+and sm_90 (fp16 and bf16; d = 64 and 128; causal and not). Shared memory must fit the architecture and ptxas must
+report no spill stores. Triton's interpreter accepts code that this step rejects, so keep it green.
+
+The compilation runs once, in a subprocess without TRITON_INTERPRET (the interpreter's @triton.jit objects cannot
+be compiled), through `python -m kernels.compile_check --json`. Select with `pytest -k compile`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+from kernels.compile_check import SMEM_LIMIT  # noqa: E402
+
+ARCHS = [80, 90]
+DTYPES = ["fp16", "bf16"]
+HEAD_DIMS = [64, 128]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="session")
+def compile_results(tmp_path_factory):
+    path = tmp_path_factory.mktemp("compile") / "results.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--json", str(path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"ahead-of-time compilation failed:\n{proc.stderr[-4000:]}"
+    return json.loads(path.read_text())
+
+
+def _check(results, kernel, arch, dtype, d, causal=None):
+    rows = [r for r in results if r["kernel"] == kernel and r["arch"] == arch and r["dtype"] == dtype
+            and r["head_dim"] == d and (causal is None or r["causal"] == causal)]
+    assert rows, f"no default config compiled for {kernel} sm_{arch} {dtype} d={d} causal={causal}"
+    for r in rows:
+        where = f"{kernel} sm_{arch} {dtype} d={d} causal={r['causal']} [{r['config']}]"
+        assert r["shared"] <= SMEM_LIMIT[arch], f"{where}: {r['shared']} B shared memory > {SMEM_LIMIT[arch]}"
+        assert r["spill_stores"] == 0, f"{where}: {r['spill_stores']} B spill stores ({r['registers']} registers)"
+
+
+_grid = pytest.mark.parametrize("arch,dtype,d", [
+    pytest.param(a, t, d, id=f"sm{a}-{t}-d{d}") for a in ARCHS for t in DTYPES for d in HEAD_DIMS
+])
+
+
+@_grid
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_compile_forward(compile_results, arch, dtype, d, causal):
+    _check(compile_results, "fwd", arch, dtype, d, causal)
+
+
+@_grid
+def test_compile_forward_inference_variant(compile_results, arch, dtype, d):
+    _check(compile_results, "fwd_infer", arch, dtype, d, False)
+
+
+@_grid
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kernel", ["dkdv", "dq"])
+def test_compile_backward(compile_results, kernel, arch, dtype, d, causal):
+    _check(compile_results, kernel, arch, dtype, d, causal)
+
+
+@_grid
+def test_compile_backward_preprocess(compile_results, arch, dtype, d):
+    _check(compile_results, "bwd_pre", arch, dtype, d)
