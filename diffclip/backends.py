@@ -1,0 +1,85 @@
+"""Attention backends of the model: one registry, one signature (that of `kernels.diff_attn`).
+
+| name   | implementation                                   | runs on                                    |
+|--------|--------------------------------------------------|--------------------------------------------|
+| eager  | `kernels.diff_attn_reference` (both N x N maps)  | anywhere                                   |
+| sdpa   | two `F.scaled_dot_product_attention` calls       | anywhere                                   |
+| triton | `kernels.diff_attn`, norm epilogue fused         | CUDA with Triton; CPU with TRITON_INTERPRET=1 |
+| auto   | triton on CUDA when Triton imports, else sdpa    | anywhere                                   |
+
+An explicitly named backend never falls back: if it cannot run, the forward raises RuntimeError saying why.
+Choice: the argument, else $DIFFCLIP_ATTN_BACKEND, else auto.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import rms_norm_epilogue
+
+ENV_VAR = "DIFFCLIP_ATTN_BACKEND"
+
+
+def sdpa_diff_attn(q, k, v, lam, *, causal=False, scale=None, norm_weight=None, norm_eps=1e-5, out_scale=1.0):
+    """Differential attention as two SDPA calls (query/key heads 2h and 2h+1 against the 2d-wide V of head h)."""
+    if isinstance(lam, torch.Tensor) and lam.dim() == 1:  # per head -> broadcast over (B, H, N, 2d)
+        lam = lam.view(-1, 1, 1)
+    elif isinstance(lam, torch.Tensor) and lam.dim() == 3:  # per token
+        lam = lam.unsqueeze(-1)
+    o1 = F.scaled_dot_product_attention(q[:, 0::2], k[:, 0::2], v, is_causal=causal, scale=scale)
+    o2 = F.scaled_dot_product_attention(q[:, 1::2], k[:, 1::2], v, is_causal=causal, scale=scale)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    o = o1.to(acc) - lam.to(acc) * o2.to(acc) if isinstance(lam, torch.Tensor) else o1.to(acc) - lam * o2.to(acc)
+    if norm_weight is not None:
+        return rms_norm_epilogue(o, norm_weight, norm_eps, out_scale).to(q.dtype)
+    return (o * out_scale).to(q.dtype)
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    return kernels.triton_unavailable_reason(device)
+
+
+# name -> (function, why it cannot run on a device or None)
+BACKENDS: dict[str, tuple[Callable, Callable[[torch.device], str | None]]] = {
+    "eager": (kernels.diff_attn_reference, lambda device: None),
+    "sdpa": (sdpa_diff_attn, lambda device: None),
+    "triton": (kernels.diff_attn, _triton_reason),
+}
+NAMES = (*BACKENDS, "auto")
+
+
+def check_name(name) -> str:
+    """The backend name to use: `name`, else $DIFFCLIP_ATTN_BACKEND, else "auto". Unknown names raise ValueError;
+    "triton" without Triton installed raises RuntimeError right away."""
+    source = "attn_backend"
+    if name is None:
+        name, source = os.environ.get(ENV_VAR) or "auto", ENV_VAR
+    if not isinstance(name, str) or name.lower() not in NAMES:
+        raise ValueError(f"{source} must be one of {', '.join(NAMES)}; got {name!r}")
+    name = name.lower()
+    if name == "triton" and not kernels.triton_available():
+        raise RuntimeError("attention backend 'triton' needs Triton (pip install 'triton>=3.6', Linux); "
+                           "choose 'sdpa' or 'eager' to run without it")
+    return name
+
+
+def resolve(name: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> str:
+    """The concrete backend for a call. "auto" picks triton where it runs well, else sdpa; a named backend
+    that cannot run here raises RuntimeError (no silent fallback)."""
+    if name == "auto":
+        ok = (device.type == "cuda" and _triton_reason(device) is None
+              and head_dim in (16, 32, 64, 128) and dtype in (torch.float16, torch.bfloat16, torch.float32))
+        return "triton" if ok else "sdpa"
+    reason = BACKENDS[name][1](device)
+    if reason is not None:
+        raise RuntimeError(f"attention backend {name!r} cannot run here: {reason}")
+    return name
+
+
+def get(name: str) -> Callable:
+    return BACKENDS[name][0]

@@ -1,0 +1,204 @@
+"""`diffclip` command line: zero-shot classification, batch embedding, checkpoint conversion.
+
+Errors a user can cause (bad paths, unreadable images, empty label lists, offline hub) print one line and exit
+with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class UsageError(Exception):
+    pass
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    from .hub import DEFAULT_CHECKPOINT
+
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help=f"local .pt/.pth/.safetensors file or hub id (default: {DEFAULT_CHECKPOINT})")
+    p.add_argument("--backend", default=None, choices=["eager", "sdpa", "triton", "auto"],
+                   help="attention backend (default: $DIFFCLIP_ATTN_BACKEND, else auto)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model dtype (default fp32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffclip", description="DiffCLIP: zero-shot, embeddings, conversion.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    zs = sub.add_parser("zero-shot", help="classify images against text labels")
+    zs.add_argument("images", nargs="+", help="image files")
+    zs.add_argument("--labels", required=True, help="comma-separated class names, e.g. 'dog,cat,car'")
+    zs.add_argument("--template", default="a photo of a {}", help="prompt template with one {} (default: %(default)s)")
+    zs.add_argument("--top-k", type=int, default=5, help="labels to show per image (default 5)")
+    zs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _common(zs)
+
+    em = sub.add_parser("embed", help="embed every image in a folder (and optionally captions)")
+    em.add_argument("dir", help="folder of images (not recursive)")
+    em.add_argument("--out", required=True, help="output folder: image_embeddings.npy + paths.txt")
+    em.add_argument("--text", help="file of captions, one per line: text_embeddings.npy + texts.txt")
+    em.add_argument("--batch-size", type=int, default=32)
+    em.add_argument("--no-normalize", action="store_true", help="save raw embeddings instead of unit-norm ones")
+    _common(em)
+
+    cv = sub.add_parser("convert", help="training checkpoint -> weights-only .safetensors")
+    cv.add_argument("src", help="checkpoint file or hub id")
+    cv.add_argument("dst", help="output .safetensors path")
+    cv.add_argument("--fp16", action="store_true", help="store floating weights as float16 (half the size)")
+    return parser
+
+
+def _device(name):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"bad --device {name!r}: {e}") from None
+
+
+def _load(args):
+    from .loading import load
+
+    return load(args.checkpoint, attn_backend=args.backend, device=_device(args.device), dtype=args.dtype)
+
+
+def _open_images(paths, preprocess):
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for p in paths:
+        if not os.path.isfile(p):
+            raise UsageError(f"image not found: {p}")
+        try:
+            with Image.open(p) as img:
+                out.append(preprocess(img))
+        except (UnidentifiedImageError, OSError) as e:
+            raise UsageError(f"cannot read image {p}: {e}") from None
+    return out
+
+
+def cmd_zero_shot(args) -> int:
+    import torch
+
+    labels = [s.strip() for s in args.labels.split(",") if s.strip()]
+    if not labels:
+        raise UsageError("--labels is empty: give comma-separated class names")
+    if args.template.count("{}") != 1:
+        raise UsageError("--template must contain exactly one {}")
+    if args.top_k < 1:
+        raise UsageError("--top-k must be >= 1")
+    for p in args.images:
+        if not os.path.isfile(p):
+            raise UsageError(f"image not found: {p}")
+    model, preprocess, tokenizer = _load(args)
+    device = next(model.parameters()).device
+    images = torch.stack(_open_images(args.images, preprocess)).to(device)
+    text = tokenizer([args.template.format(c) for c in labels]).to(device)
+    with torch.no_grad():
+        out = model(images, text)
+    img = torch.nn.functional.normalize(out["image_embed"].float(), dim=-1)
+    txt = torch.nn.functional.normalize(out["text_embed"].float(), dim=-1)
+    probs = (out["logit_scale"].float() * img @ txt.T).softmax(dim=-1)
+    k = min(args.top_k, len(labels))
+    result = []
+    for path, row in zip(args.images, probs):
+        top = row.topk(k)
+        result.append({"image": path, "top": [{"label": labels[i], "prob": round(float(p), 6)}
+                                              for p, i in zip(top.values, top.indices)]})
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for r in result:
+            print(r["image"])
+            for t in r["top"]:
+                print(f"  {t['prob']:7.2%}  {t['label']}")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    if not os.path.isdir(args.dir):
+        raise UsageError(f"not a folder: {args.dir}")
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    paths = sorted(os.path.join(args.dir, f) for f in os.listdir(args.dir) if f.lower().endswith(IMAGE_SUFFIXES))
+    if not paths:
+        raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {args.dir}")
+    captions = None
+    if args.text:
+        if not os.path.isfile(args.text):
+            raise UsageError(f"caption file not found: {args.text}")
+        with open(args.text, encoding="utf-8") as f:
+            captions = [line.strip() for line in f if line.strip()]
+        if not captions:
+            raise UsageError(f"caption file is empty: {args.text}")
+    model, preprocess, tokenizer = _load(args)
+    device = next(model.parameters()).device
+    os.makedirs(args.out, exist_ok=True)
+
+    def finish(x):
+        x = x.float()
+        return (x if args.no_normalize else torch.nn.functional.normalize(x, dim=-1)).cpu().numpy()
+
+    chunks = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(paths), args.batch_size), desc="images", unit="batch"):
+            batch = torch.stack(_open_images(paths[i:i + args.batch_size], preprocess)).to(device)
+            chunks.append(finish(model.encode_image(batch)))
+        np.save(os.path.join(args.out, "image_embeddings.npy"), np.concatenate(chunks))
+        with open(os.path.join(args.out, "paths.txt"), "w", encoding="utf-8") as f:
+            f.write("\n".join(paths) + "\n")
+        if captions is not None:
+            chunks = [finish(model.encode_text(tokenizer(captions[i:i + args.batch_size]).to(device)))
+                      for i in tqdm(range(0, len(captions), args.batch_size), desc="texts", unit="batch")]
+            np.save(os.path.join(args.out, "text_embeddings.npy"), np.concatenate(chunks))
+            with open(os.path.join(args.out, "texts.txt"), "w", encoding="utf-8") as f:
+                f.write("\n".join(captions) + "\n")
+    print(f"wrote {len(paths)} image embeddings" + (f" and {len(captions)} text embeddings" if captions else "")
+          + f" to {args.out}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import torch
+
+    from .checkpoint import read_state_dict, save_safetensors
+    from .config import infer_config
+    from .hub import resolve_source
+
+    if not args.dst.endswith(".safetensors"):
+        raise UsageError(f"destination must end in .safetensors, got {args.dst}")
+    state_dict = read_state_dict(resolve_source(args.src))
+    config = infer_config(state_dict)
+    save_safetensors(state_dict, args.dst, config, dtype=torch.float16 if args.fp16 else None)
+    size = os.path.getsize(args.dst) / 2**20
+    print(f"wrote {len(state_dict)} tensors ({size:.1f} MiB) to {args.dst}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"zero-shot": cmd_zero_shot, "embed": cmd_embed, "convert": cmd_convert}[args.command]
+    try:
+        return handler(args)
+    except (UsageError, FileNotFoundError, ValueError, TypeError, RuntimeError, OSError) as e:
+        print(f"diffclip: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
