@@ -25,19 +25,27 @@ from kernels import rms_norm_epilogue
 ENV_VAR = "DIFFCLIP_ATTN_BACKEND"
 
 
+def combine_outputs(o1, o2, lam, dtype, norm_weight=None, norm_eps=1e-5, out_scale=1.0):
+    """o1 − λ·o2 in fp32 from the two maps' outputs (B, H, N, 2d), then the optional RMS-norm epilogue, cast to
+    `dtype`. λ: number, 0-d, (H,) or broadcastable to (B, H, N)."""
+    acc = torch.promote_types(o1.dtype, torch.float32)
+    if isinstance(lam, torch.Tensor):
+        lam = lam.to(acc)
+        if lam.dim() == 1:  # per head: (H,) -> (H, 1, 1)
+            lam = lam.view(-1, 1, 1)
+        elif lam.dim() >= 2:  # (.., H, N) -> (.., H, N, 1), broadcast over the 2d features
+            lam = lam.unsqueeze(-1)
+    o = o1.to(acc) - lam * o2.to(acc)
+    if norm_weight is not None:
+        return rms_norm_epilogue(o, norm_weight, norm_eps, out_scale).to(dtype)
+    return (o * out_scale).to(dtype)
+
+
 def sdpa_diff_attn(q, k, v, lam, *, causal=False, scale=None, norm_weight=None, norm_eps=1e-5, out_scale=1.0):
     """Differential attention as two SDPA calls (query/key heads 2h and 2h+1 against the 2d-wide V of head h)."""
-    if isinstance(lam, torch.Tensor) and lam.dim() == 1:  # per head -> broadcast over (B, H, N, 2d)
-        lam = lam.view(-1, 1, 1)
-    elif isinstance(lam, torch.Tensor) and lam.dim() == 3:  # per token
-        lam = lam.unsqueeze(-1)
     o1 = F.scaled_dot_product_attention(q[:, 0::2], k[:, 0::2], v, is_causal=causal, scale=scale)
     o2 = F.scaled_dot_product_attention(q[:, 1::2], k[:, 1::2], v, is_causal=causal, scale=scale)
-    acc = torch.promote_types(q.dtype, torch.float32)
-    o = o1.to(acc) - lam.to(acc) * o2.to(acc) if isinstance(lam, torch.Tensor) else o1.to(acc) - lam * o2.to(acc)
-    if norm_weight is not None:
-        return rms_norm_epilogue(o, norm_weight, norm_eps, out_scale).to(q.dtype)
-    return (o * out_scale).to(q.dtype)
+    return combine_outputs(o1, o2, lam, q.dtype, norm_weight, norm_eps, out_scale)
 
 
 def _triton_reason(device: torch.device) -> str | None:

@@ -7,6 +7,8 @@ interpreter a single config is used (autotuning there would only measure numpy).
 
 from __future__ import annotations
 
+import os
+
 import triton
 
 from .runtime import interpreter_enabled
@@ -88,6 +90,12 @@ def bwd_config_fits(cfg, head_dim, dtype_bytes, causal, seqlen):
     return _fits(cfg, head_dim, dtype_bytes, False, seqlen, fp32_tile=32 * 32)
 
 
+def autotune_enabled() -> bool:
+    """DIFF_ATTN_AUTOTUNE=0 uses the first fitting config of each list instead of timing them all (test suites on a
+    GPU, where autotuning every variant would dominate the run)."""
+    return os.environ.get("DIFF_ATTN_AUTOTUNE", "1").strip() != "0"
+
+
 def _prune(fits):
     def prune(configs, named_args, **kwargs):
         q = named_args["Q"]
@@ -97,7 +105,8 @@ def _prune(fits):
             if fits(c, args["HEAD_DIM"], q.element_size(), bool(args["CAUSAL"]), int(args["N"]))
         ]
         # Never return an empty list: the smallest config is legal for every problem.
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        return kept if autotune_enabled() else kept[:1]
 
     return prune
 

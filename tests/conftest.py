@@ -7,6 +7,9 @@ import sys
 import pytest
 import torch
 
+# On a GPU, test every kernel variant with one config instead of autotuning each (see kernels/configs.py).
+os.environ.setdefault("DIFF_ATTN_AUTOTUNE", "0")
+
 if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("Triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")

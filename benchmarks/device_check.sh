@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One command for a lent GPU, under 6 minutes on an H100: prints the GPU/driver/torch/Triton, runs the GPU tests,
+# then the op benchmark (forward, and forward+backward) at the DiffCLIP shapes and N=4096 against eager PyTorch and
+# SDPA, then a reduced end-to-end model benchmark. JSON + PNG + logs go to $OUT (or the folder given as $1).
+#
+#   PYTHONPATH=. bash benchmarks/device_check.sh [OUTDIR]
+#
+# Copy the JSON files into benchmarks/results/ named with the date and the card, and commit them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR="${1:-${OUT:-benchmarks/results/latest}}"
+mkdir -p "$OUTDIR"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+status=0
+
+echo "== environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || status=1
+python - <<'PY' | tee "$OUTDIR/environment.txt"
+import torch, triton
+print("torch", torch.__version__, "| cuda", torch.version.cuda, "| triton", triton.__version__)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE")
+PY
+
+echo "== GPU tests (bf16 numerics, determinism, model backends; the compile check runs in CPU CI)"
+timeout 140 python -m pytest tests -q -x -p no:cacheprovider \
+    -k "not compile and (bfloat16 or deterministic or test_model or lambda_zero or saved_for_backward)" \
+    2>&1 | tee "$OUTDIR/gpu_tests.log" | tail -n 25
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== op benchmark: forward and forward+backward, bf16"
+timeout 110 python -m benchmarks.bench_diff_attn --shapes device-check --modes fwd,fwd+bwd --dtypes bf16 \
+    --providers triton,eager,sdpa2,sdpa4 --json "$OUTDIR/bench_diff_attn.json" --plot "$OUTDIR/bench_diff_attn.png" \
+    2>&1 | tee "$OUTDIR/bench_diff_attn.log" | tail -n 30
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== model benchmark: encode_image B=256, encode_text B=256, train step B=128, bf16"
+timeout 80 python -m benchmarks.bench_model --dtypes bf16 --image-batches 256 --text-batch 256 --train-batch 128 \
+    --json "$OUTDIR/bench_model.json" --plot "$OUTDIR/bench_model.png" \
+    2>&1 | tee "$OUTDIR/bench_model.log" | tail -n 20
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== done (status $status); results in $OUTDIR"
+exit $status

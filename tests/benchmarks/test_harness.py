@@ -1,0 +1,61 @@
+"""The benchmark harness itself, on CPU: smoke runs write valid JSON/PNG with every provider; FLOP formulas;
+skip reasons."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import bench_diff_attn, bench_model, common
+from benchmarks.providers import PROVIDERS, skip_reason
+
+
+def test_flop_formulas():
+    assert common.flops_fwd(1, 1, 10, 64, False) == 12 * 100 * 64
+    assert common.flops_fwd(2, 3, 10, 64, True) == 6 * 100 * 64 * 2 * 3
+    assert common.flops_bwd(1, 1, 10, 64, False) == 20 * 100 * 64
+    assert common.flops("fwd+bwd", 1, 1, 10, 64, False) == 32 * 100 * 64
+
+
+def test_triton_skip_reason_outside_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = skip_reason("triton", torch.device("cpu"))
+    assert reason and "TRITON_INTERPRET=1" in reason
+    assert skip_reason("sdpa2", torch.device("cpu")) is None
+
+
+def test_op_smoke_writes_every_provider(tmp_path):
+    out, png = tmp_path / "op.json", tmp_path / "op.png"
+    assert bench_diff_attn.main(["--smoke", "--json", str(out), "--plot", str(png)]) == 0
+    data = json.loads(out.read_text())
+    for key in ("device", "torch", "triton", "git_sha", "date", "rows", "flops"):
+        assert key in data
+    rows = data["rows"]
+    assert {r["provider"] for r in rows} == set(PROVIDERS)
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
+    for r in rows:
+        assert (r["ms"] is not None) != (r["skipped"] is not None), r
+        if r["ms"] is not None:
+            assert r["ms"] > 0 and r["tflops"] > 0 and r["rel_err"] <= 1e-4
+    assert all(r["ms"] for r in rows if r["provider"] in ("triton", "eager", "sdpa2", "sdpa4"))
+    eager = [r for r in rows if r["provider"] == "eager" and r["ms"]]
+    assert all(r["speedup_vs_eager"] == pytest.approx(1.0) for r in eager)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failed_check_is_reported_not_timed(monkeypatch):
+    from benchmarks import providers
+
+    monkeypatch.setitem(providers.PROVIDERS, "sdpa2", lambda q, k, v, lam, causal=False: v * 2)
+    row = bench_diff_attn.run_case("sdpa2", "x", 1, 1, 8, 16, False, "fp32", "fwd", torch.device("cpu"))
+    assert row["ms"] is None and row["skipped"].startswith("output check failed")
+
+
+def test_model_smoke(tmp_path):
+    out, png = tmp_path / "model.json", tmp_path / "model.png"
+    assert bench_model.main(["--smoke", "--json", str(out), "--plot", str(png)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["backend"] for r in rows} == {"eager", "sdpa", "triton", "plain-clip"}
+    assert {r["task"] for r in rows} == {"encode_image", "encode_text", "train_step"}
+    assert all(r["ms"] and r["per_s"] > 0 for r in rows), [r for r in rows if not r["ms"]]
+    assert png.exists()
