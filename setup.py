@@ -43,7 +43,6 @@ setup(
     entry_points={"console_scripts": ["diffclip = diffclip.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: MIT License",
         "Operating System :: POSIX :: Linux",
     ],
 )

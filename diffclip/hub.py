@@ -12,7 +12,9 @@ KNOWN = ("hammh0a/DiffCLIP_ViTB16_CC3M", "hammh0a/DiffCLIP_ViTB16_CC12M")
 def is_hub_id(source: str) -> bool:
     """`owner/name` (optionally `hf-hub:owner/name`) that is not an existing local path."""
     s = source[len("hf-hub:"):] if source.startswith("hf-hub:") else source
-    return not os.path.exists(source) and s.count("/") == 1 and not s.startswith((".", "/")) and "." not in s.split("/")[0]
+    if os.path.exists(source) or s.count("/") != 1 or s.startswith((".", "/")):
+        return False
+    return "." not in s.split("/")[0]
 
 
 def resolve_source(source: str | os.PathLike, filename: str = DEFAULT_FILENAME) -> str:

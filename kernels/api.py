@@ -62,5 +62,5 @@ def diff_attn(
     from .ops import DiffAttnFunction
 
     return DiffAttnFunction.apply(
-        q, k, v, args.lam, norm_weight, causal, args.scale, float(norm_eps), float(out_scale)
+        q, k, v, args.lam, norm_weight, causal, args.scale, float(norm_eps), float(out_scale), torch.is_grad_enabled()
     )

@@ -81,6 +81,37 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
+def _load_query_rows(q_base, stride_qh, stride_qn, stride_qd, do_base, stride_on, stride_od, LSE, DELTA, row_base,
+                     lam_base, stride_ln, offs_m, offs_d, offs_dv, N):
+    """Everything the backward needs per query row of one diff-head: Q1, Q2, dO, both LSEs (pre-scaled to log2),
+    both Δs and λ. Rows past N read zeros and lse = +inf, so their probabilities are exactly 0."""
+    q_ok = offs_m < N
+    q_off = offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q1 = tl.load(q_base + q_off, mask=q_ok[:, None], other=0.0)
+    q2 = tl.load(q_base + stride_qh + q_off, mask=q_ok[:, None], other=0.0)
+    do = tl.load(do_base + (offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od), mask=q_ok[:, None],
+                 other=0.0)
+    lse1 = tl.load(LSE + row_base + offs_m, mask=q_ok, other=float("inf")) * _LOG2E
+    lse2 = tl.load(LSE + row_base + N + offs_m, mask=q_ok, other=float("inf")) * _LOG2E
+    d1 = tl.load(DELTA + row_base + offs_m, mask=q_ok, other=0.0)
+    d2 = tl.load(DELTA + row_base + N + offs_m, mask=q_ok, other=0.0)
+    lam = tl.load(lam_base + offs_m * stride_ln, mask=q_ok, other=0.0).to(tl.float32)
+    return q1, q2, do, lse1, lse2, d1, d2, lam, q_ok
+
+
+@triton.jit
+def _load_key_rows(k_base, stride_kh, stride_kn, stride_kd, v_base, stride_vn, stride_vd, offs_n, offs_d, offs_dv, N):
+    """K1, K2 and V rows of one diff-head (zeros past N) and the in-sequence mask."""
+    key_ok = offs_n < N
+    k_off = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    k1 = tl.load(k_base + k_off, mask=key_ok[:, None], other=0.0)
+    k2 = tl.load(k_base + stride_kh + k_off, mask=key_ok[:, None], other=0.0)
+    v = tl.load(v_base + (offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd), mask=key_ok[:, None],
+                other=0.0)
+    return k1, k2, v, key_ok
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, LAM, DK, DV,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -103,14 +134,9 @@ def _bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, 2 * HEAD_DIM)
-    key_ok = offs_n < N
-
-    k_base = K + b * stride_kb + (2 * h) * stride_kh
-    k_off = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    k1 = tl.load(k_base + k_off, mask=key_ok[:, None], other=0.0)
-    k2 = tl.load(k_base + stride_kh + k_off, mask=key_ok[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + (offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd),
-                mask=key_ok[:, None], other=0.0)
+    k1, k2, v, key_ok = _load_key_rows(K + b * stride_kb + (2 * h) * stride_kh, stride_kh, stride_kn, stride_kd,
+                                       V + b * stride_vb + h * stride_vh, stride_vn, stride_vd,
+                                       offs_n, offs_d, offs_dv, N)
 
     dk1 = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -124,18 +150,9 @@ def _bwd_dkdv_kernel(
     lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
     for start_m in range(lo, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_ok = offs_m < N
-        q_off = offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-        q1 = tl.load(q_base + q_off, mask=q_ok[:, None], other=0.0)
-        q2 = tl.load(q_base + stride_qh + q_off, mask=q_ok[:, None], other=0.0)
-        do = tl.load(do_base + (offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od),
-                     mask=q_ok[:, None], other=0.0)
-        # Masked query rows read lse = +inf, so their probabilities are exactly 0.
-        lse1 = tl.load(LSE + row_base + offs_m, mask=q_ok, other=float("inf")) * _LOG2E
-        lse2 = tl.load(LSE + row_base + N + offs_m, mask=q_ok, other=float("inf")) * _LOG2E
-        d1 = tl.load(DELTA + row_base + offs_m, mask=q_ok, other=0.0)
-        d2 = tl.load(DELTA + row_base + N + offs_m, mask=q_ok, other=0.0)
-        lam = tl.load(lam_base + offs_m * stride_ln, mask=q_ok, other=0.0).to(tl.float32)
+        q1, q2, do, lse1, lse2, d1, d2, lam, q_ok = _load_query_rows(
+            q_base, stride_qh, stride_qn, stride_qd, do_base, stride_on, stride_od, LSE, DELTA, row_base,
+            lam_base, stride_ln, offs_m, offs_d, offs_dv, N)
 
         visible = key_ok[:, None] & q_ok[None, :]
         if CAUSAL:
@@ -180,20 +197,11 @@ def _bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, 2 * HEAD_DIM)
-    q_ok = offs_m < N
-
-    q_base = Q + b * stride_qb + (2 * h) * stride_qh
-    q_off = offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    q1 = tl.load(q_base + q_off, mask=q_ok[:, None], other=0.0)
-    q2 = tl.load(q_base + stride_qh + q_off, mask=q_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_ob + h * stride_oh + (offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od),
-                 mask=q_ok[:, None], other=0.0)
     row_base = (b * 2 * H + 2 * h) * N
-    lse1 = tl.load(LSE + row_base + offs_m, mask=q_ok, other=float("inf")) * _LOG2E
-    lse2 = tl.load(LSE + row_base + N + offs_m, mask=q_ok, other=float("inf")) * _LOG2E
-    d1 = tl.load(DELTA + row_base + offs_m, mask=q_ok, other=0.0)
-    d2 = tl.load(DELTA + row_base + N + offs_m, mask=q_ok, other=0.0)
-    lam = tl.load(LAM + b * stride_lb + h * stride_lh + offs_m * stride_ln, mask=q_ok, other=0.0).to(tl.float32)
+    q1, q2, do, lse1, lse2, d1, d2, lam, q_ok = _load_query_rows(
+        Q + b * stride_qb + (2 * h) * stride_qh, stride_qh, stride_qn, stride_qd,
+        DO + b * stride_ob + h * stride_oh, stride_on, stride_od, LSE, DELTA, row_base,
+        LAM + b * stride_lb + h * stride_lh, stride_ln, offs_m, offs_d, offs_dv, N)
 
     dq1 = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq2 = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -202,12 +210,8 @@ def _bwd_dq_kernel(
     hi = tl.minimum(start_m + BLOCK_M, N) if CAUSAL else N  # causal: key blocks past the last row are skipped
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < N
-        k_off = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        k1 = tl.load(k_base + k_off, mask=key_ok[:, None], other=0.0)
-        k2 = tl.load(k_base + stride_kh + k_off, mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_base + (offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd),
-                    mask=key_ok[:, None], other=0.0)
+        k1, k2, v, key_ok = _load_key_rows(k_base, stride_kh, stride_kn, stride_kd, v_base, stride_vn, stride_vd,
+                                           offs_n, offs_d, offs_dv, N)
         visible = q_ok[:, None] & key_ok[None, :]
         if CAUSAL:
             visible = visible & (offs_m[:, None] >= offs_n[None, :])

@@ -22,6 +22,23 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _online_softmax_step(acc, m, l, q, k, v, visible, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold one key block into one map's online-softmax state (running max m and sum l in the log2 domain, fp32
+    accumulator acc of width 2d). Called once per map with the same K-block shape and the shared V tile."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    if MASKED:  # a row with no visible key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, m_new, l
+
+
+@triton.jit
 def _fwd_inner(
     acc1, acc2, m1, m2, l1, l2,
     q1, q2,
@@ -31,7 +48,7 @@ def _fwd_inner(
     lo, hi, N, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Fold key blocks [lo, hi) into both online-softmax states.
+    """Fold key blocks [lo, hi) into both online-softmax states; K1, K2 and V tiles are each loaded once.
 
     MASKED=False is the hot path: every key in the range exists and is visible to every row of the block, so no
     mask is built. MASKED=True handles the sequence tail and the causal diagonal.
@@ -52,33 +69,9 @@ def _fwd_inner(
             k1 = tl.load(k1_base + k_off)
             k2 = tl.load(k2_base + k_off)
             v = tl.load(v_base + v_off)
-
-        # ---- map 1 ----
-        s1 = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            s1 = tl.where(visible, s1, float("-inf"))
-        m1_new = tl.maximum(m1, tl.max(s1, 1))
-        if MASKED:  # a row with no visible key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
-            m1_new = tl.where(m1_new == float("-inf"), 0.0, m1_new)
-        alpha1 = tl.math.exp2(m1 - m1_new)
-        p1 = tl.math.exp2(s1 - m1_new[:, None])
-        l1 = l1 * alpha1 + tl.sum(p1, 1)
-        acc1 = acc1 * alpha1[:, None]
-        acc1 = tl.dot(p1.to(v.dtype), v, acc1, input_precision=DOT_PRECISION)
-        m1 = m1_new
-        # ---- map 2 ----
-        s2 = tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            s2 = tl.where(visible, s2, float("-inf"))
-        m2_new = tl.maximum(m2, tl.max(s2, 1))
-        if MASKED:
-            m2_new = tl.where(m2_new == float("-inf"), 0.0, m2_new)
-        alpha2 = tl.math.exp2(m2 - m2_new)
-        p2 = tl.math.exp2(s2 - m2_new[:, None])
-        l2 = l2 * alpha2 + tl.sum(p2, 1)
-        acc2 = acc2 * alpha2[:, None]
-        acc2 = tl.dot(p2.to(v.dtype), v, acc2, input_precision=DOT_PRECISION)
-        m2 = m2_new
+            visible = 0  # unused when not MASKED
+        acc1, m1, l1 = _online_softmax_step(acc1, m1, l1, q1, k1, v, visible, qk_scale, MASKED, DOT_PRECISION)
+        acc2, m2, l2 = _online_softmax_step(acc2, m2, l2, q2, k2, v, visible, qk_scale, MASKED, DOT_PRECISION)
     return acc1, acc2, m1, m2, l1, l2
 
 

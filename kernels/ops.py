@@ -9,8 +9,10 @@ from .fwd import diff_attn_fwd
 
 class DiffAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, lam_bhn, norm_weight, causal, scale, norm_eps, out_scale):
-        needs_grad = any(ctx.needs_input_grad[:5])  # False under torch.no_grad(): nothing extra is written
+    def forward(ctx, q, k, v, lam_bhn, norm_weight, causal, scale, norm_eps, out_scale, grad_enabled):
+        # ctx.needs_input_grad reflects requires_grad even under torch.no_grad(), hence the caller's grad mode:
+        # inference with trainable parameters (a model's norm weight) writes nothing for the backward.
+        needs_grad = grad_enabled and any(ctx.needs_input_grad[:5])
         out, lse, o2, o_pre = diff_attn_fwd(
             q, k, v, lam_bhn, norm_weight, causal=causal, scale=scale, norm_eps=norm_eps, out_scale=out_scale,
             save_for_bwd=needs_grad,
@@ -31,4 +33,4 @@ class DiffAttnFunction(torch.autograd.Function):
             causal=ctx.causal, scale=ctx.scale, norm_eps=ctx.norm_eps, out_scale=ctx.out_scale,
             needs_dlam=ctx.needs_input_grad[3], needs_dw=ctx.needs_input_grad[4],
         )
-        return dq, dk, dv, dlam, dw, None, None, None, None
+        return dq, dk, dv, dlam, dw, None, None, None, None, None

@@ -114,3 +114,24 @@ def test_empty_input_returns_empty(B, N):
     v = torch.randn(B, 1, N, 32, device=DEVICE)
     out = diff_attn(q, k, v, 0.5)
     assert out.shape == (B, 1, N, 32)
+
+
+def test_inference_under_no_grad_saves_nothing(monkeypatch, poison):
+    """Trainable inputs (a model's norm weight) under torch.no_grad(): the forward writes no backward state."""
+    import kernels.ops
+
+    seen = []
+    real = kernels.ops.diff_attn_fwd
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["save_for_bwd"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels.ops, "diff_attn_fwd", spy)
+    q, k, v = make_qkv(1, 1, 17, 16, torch.float32, DEVICE, requires_grad=True)
+    w = torch.ones(32, device=DEVICE, requires_grad=True)
+    with torch.no_grad():
+        out = diff_attn(q, k, v, 0.5, norm_weight=w)
+    assert seen == [False] and out.grad_fn is None
+    diff_attn(q, k, v, 0.5, norm_weight=w)
+    assert seen == [False, True]
