@@ -190,7 +190,7 @@ def check_fwd(arch, dtype, head_dim, causal):
     nbytes = 4 if dtype == "fp32" else 2
     return [
         _result("fwd", compile_fwd(arch, dtype, head_dim, causal, cfg), arch, dtype, head_dim, causal, cfg)
-        for cfg in configs.default_fwd_rows(head_dim, nbytes, causal)
+        for cfg in configs.default_fwd_rows(head_dim, nbytes, causal, arch)
     ]
 
 
@@ -200,7 +200,7 @@ def check_fwd_inference(arch, dtype, head_dim, causal):
     return [
         _result("fwd_infer", compile_fwd(arch, dtype, head_dim, causal, cfg, has_norm=False, save_for_bwd=False),
                 arch, dtype, head_dim, causal, cfg)
-        for cfg in configs.default_fwd_rows(head_dim, nbytes, causal)
+        for cfg in configs.default_fwd_rows(head_dim, nbytes, causal, arch)
     ]
 
 
@@ -209,7 +209,7 @@ def check_bwd(kernel, arch, dtype, head_dim, causal):
     nbytes = 4 if dtype == "fp32" else 2
     return [
         _result(kernel, compile_bwd(kernel, arch, dtype, head_dim, causal, cfg), arch, dtype, head_dim, causal, cfg)
-        for cfg in configs.default_bwd_rows(kernel, head_dim, nbytes, causal)
+        for cfg in configs.default_bwd_rows(kernel, head_dim, nbytes, causal, arch)
     ]
 
 

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 
 from .runtime import interpreter_enabled
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, head dims it is for).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, head dims it is for[, lowest sm it is for]).
 # One forward program holds two fp32 accumulators of BLOCK_M x 2d, i.e. the registers of a plain flash-attention
 # program with a 4d-wide output; d=128 therefore only gets 32/64-row blocks. Every row here compiles for sm_80 and
 # sm_90 without spills (checked by tests/kernels/test_compile.py; `python -m kernels.compile_check` prints them).
 _SMALL_D = (16, 32, 64)
 _FWD = [
-    (128, 32, 8, 2, _SMALL_D),
+    (128, 32, 8, 2, _SMALL_D, 90),  # spills 24 B on sm_80 with Triton 3.6's ptxas: Hopper and newer only
     (64, 64, 8, 2, _SMALL_D),
     (64, 64, 8, 3, _SMALL_D),
     (64, 32, 8, 3, _SMALL_D),
@@ -49,11 +50,13 @@ INTERPRET_BWD = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_s
 
 
 def _cfgs(rows):
-    # The head dims a row is for travel in the Config as a plain attribute (not a kernel argument).
+    # The head dims and lowest architecture a row is for travel in the Config as plain attributes (not kernel
+    # arguments).
     out = []
-    for m, n, w, s, dims in rows:
+    for m, n, w, s, dims, *min_sm in rows:
         cfg = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
         cfg.head_dims = dims
+        cfg.min_sm = min_sm[0] if min_sm else 0
         out.append(cfg)
     return out
 
@@ -70,9 +73,10 @@ def bwd_dq_configs():
     return [INTERPRET_BWD] if interpreter_enabled() else _cfgs(_BWD_DQ)
 
 
-def _fits(cfg: triton.Config, head_dim: int, dtype_bytes: int, causal: bool, seqlen: int, fp32_tile: int) -> bool:
+def _fits(cfg: triton.Config, head_dim: int, dtype_bytes: int, causal: bool, seqlen: int, sm: int,
+          fp32_tile: int) -> bool:
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-    if head_dim not in getattr(cfg, "head_dims", (head_dim,)):
+    if head_dim not in getattr(cfg, "head_dims", (head_dim,)) or sm < getattr(cfg, "min_sm", 0):
         return False
     if causal and bm % bn != 0:  # the causal split point is a multiple of BLOCK_M that must be BLOCK_N-aligned
         return False
@@ -81,13 +85,20 @@ def _fits(cfg: triton.Config, head_dim: int, dtype_bytes: int, causal: bool, seq
     return not (bm > 64 and seqlen <= 64)  # short sequences: a 128-row block would be mostly masked
 
 
-def fwd_config_fits(cfg, head_dim, dtype_bytes, causal, seqlen):
-    """Whether a forward config is legal and worth trying for this problem."""
-    return _fits(cfg, head_dim, dtype_bytes, causal, seqlen, fp32_tile=64 * 32)
+def fwd_config_fits(cfg, head_dim, dtype_bytes, causal, seqlen, sm):
+    """Whether a forward config is legal and worth trying for this problem on architecture sm (e.g. 90)."""
+    return _fits(cfg, head_dim, dtype_bytes, causal, seqlen, sm, fp32_tile=64 * 32)
 
 
-def bwd_config_fits(cfg, head_dim, dtype_bytes, causal, seqlen):
-    return _fits(cfg, head_dim, dtype_bytes, False, seqlen, fp32_tile=32 * 32)
+def bwd_config_fits(cfg, head_dim, dtype_bytes, causal, seqlen, sm):
+    return _fits(cfg, head_dim, dtype_bytes, False, seqlen, sm, fp32_tile=32 * 32)
+
+
+def _device_sm(t) -> int:
+    if t.is_cuda:
+        major, minor = torch.cuda.get_device_capability(t.device)
+        return 10 * major + minor
+    return 90  # the interpreter: configs are not pruned by architecture there
 
 
 def autotune_enabled() -> bool:
@@ -102,7 +113,7 @@ def _prune(fits):
         args = {**named_args, **kwargs}
         kept = [
             c for c in configs
-            if fits(c, args["HEAD_DIM"], q.element_size(), bool(args["CAUSAL"]), int(args["N"]))
+            if fits(c, args["HEAD_DIM"], q.element_size(), bool(args["CAUSAL"]), int(args["N"]), _device_sm(q))
         ]
         # Never return an empty list: the smallest config is legal for every problem.
         kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
@@ -115,15 +126,15 @@ prune_fwd = _prune(fwd_config_fits)
 prune_bwd = _prune(bwd_config_fits)
 
 
-def default_fwd_rows(head_dim: int, dtype_bytes: int, causal: bool, seqlen: int = 4096):
+def default_fwd_rows(head_dim: int, dtype_bytes: int, causal: bool, sm: int, seqlen: int = 4096):
     """The (BLOCK_M, BLOCK_N, warps, stages) rows autotuning may pick for this problem on a GPU."""
-    return [c for c in _cfgs(_FWD) if fwd_config_fits(c, head_dim, dtype_bytes, causal, seqlen)]
+    return [c for c in _cfgs(_FWD) if fwd_config_fits(c, head_dim, dtype_bytes, causal, seqlen, sm)]
 
 
-def default_bwd_rows(kernel: str, head_dim: int, dtype_bytes: int, causal: bool, seqlen: int = 4096):
+def default_bwd_rows(kernel: str, head_dim: int, dtype_bytes: int, causal: bool, sm: int, seqlen: int = 4096):
     """Same for the backward's "dkdv" or "dq" kernel."""
     rows = _BWD_DKDV if kernel == "dkdv" else _BWD_DQ
-    return [c for c in _cfgs(rows) if bwd_config_fits(c, head_dim, dtype_bytes, causal, seqlen)]
+    return [c for c in _cfgs(rows) if bwd_config_fits(c, head_dim, dtype_bytes, causal, seqlen, sm)]
 
 
 def pre_block_m(head_dim: int) -> int:

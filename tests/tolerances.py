@@ -2,8 +2,8 @@
 
 Kernels are compared with a float64 evaluation of `kernels.diff_attn_reference` on the same (rounded) inputs.
 - fp32: the kernel computes in fp32 throughout (ieee dots), so the bound is fp32 round-off over sums of N terms.
-- fp16: P is rounded to fp16 before P·V and the output is rounded to fp16 (unit round-off 4.9e-4); with outputs
-  of order 1-3 after the norm epilogue that is a few 1e-3 absolute.
+- fp16: P is rounded to fp16 before P·V and the output is rounded to fp16 (unit round-off 4.9e-4): about 3 ulps
+  at 1. Measured worst cases sit at 5-30 % of these bounds (fwd) and 3-35 % (bwd), so a real error shows.
 - bf16 (GPU only; the interpreter computes bf16 on raw bit patterns, triton-lang/triton#11584): the
   flash-attention idiom, error <= LOWP_FACTOR x PyTorch's own bf16 error against the fp32 reference, plus a floor.
 Gradients pass through twice as many rounded products, hence their own, wider, fp16 entry.
@@ -12,12 +12,12 @@ Gradients pass through twice as many rounded products, hence their own, wider, f
 import torch
 
 FWD = {
-    torch.float32: dict(atol=2e-5, rtol=2e-5),
-    torch.float16: dict(atol=4e-3, rtol=4e-3),
+    torch.float32: dict(atol=5e-6, rtol=5e-6),
+    torch.float16: dict(atol=1.5e-3, rtol=1.5e-3),  # ~3 fp16 ulps at 1
 }
 BWD = {
-    torch.float32: dict(atol=1e-4, rtol=1e-4),
-    torch.float16: dict(atol=2e-2, rtol=2e-2),
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.float16: dict(atol=5e-3, rtol=5e-3),
 }
 LOWP_FACTOR = 3.0
 LOWP_FLOOR = 1e-3
