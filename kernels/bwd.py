@@ -21,7 +21,7 @@ import triton.language as tl
 
 from . import alloc
 from .configs import bwd_dkdv_configs, bwd_dq_configs, prune_bwd, pre_block_m
-from .fwd import LOG2E, dot_precision, seqlen_bucket
+from .fwd import LOG2E, _block_and_head, dot_precision, seqlen_bucket
 
 _LOG2E = tl.constexpr(LOG2E)  # kernels may only read globals declared constexpr
 
@@ -40,8 +40,7 @@ def _bwd_preprocess_kernel(
     OREF is the pre-norm difference o when HAS_NORM, else the output itself (= out_scale·o). Without the norm the
     main kernels read DOUT directly and apply out_scale themselves, so nothing (B, H, N, 2d) is written here.
     """
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _block_and_head(N, BLOCK_M)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -63,7 +62,7 @@ def _bwd_preprocess_kernel(
         w = tl.load(NORM_W + offs_dv).to(tl.float32)
         if NEED_DW:
             part = tl.sum(dy * o * rstd[:, None], 0) * out_scale
-            tl.store(DW_PART + (bh * tl.num_programs(0) + pid_m).to(tl.int64) * (2 * HEAD_DIM) + offs_dv, part)
+            tl.store(DW_PART + tl.program_id(0).to(tl.int64) * (2 * HEAD_DIM) + offs_dv, part)
         g = dy * (w * out_scale)[None, :]
         dot_go = tl.sum(g * o, 1) / (2 * HEAD_DIM)
         do = rstd[:, None] * (g - o * (rstd * rstd * dot_go)[:, None])
@@ -127,8 +126,8 @@ def _bwd_dkdv_kernel(
 ):
     """One program: BLOCK_N keys of one diff-head; loops over the query blocks that see them. Works transposed
     (keys along rows) so that dK1, dK2 and dV accumulate without a transpose."""
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
+    block_n, bh = _block_and_head(N, BLOCK_N)
+    start_n = block_n * BLOCK_N
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -190,8 +189,8 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one diff-head; loops over the key blocks they see."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    block_m, bh = _block_and_head(N, BLOCK_M)
+    start_m = block_m * BLOCK_M
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -252,7 +251,7 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
     do = alloc.empty(B, H, N, 2 * d, dtype=q.dtype, device=q.device) if has_norm else None
     dw_part = alloc.empty(B * H * n_pre, 2 * d, dtype=torch.float32, device=q.device) if has_norm and needs_dw \
         else None
-    _bwd_preprocess_kernel[(n_pre, B * H)](
+    _bwd_preprocess_kernel[(n_pre * B * H,)](
         dout, o_ref, o2, lam_bhn, norm_weight, do, delta, dw_part,
         *dout.stride(), *o_ref.stride(), *lam_bhn.stride(),
         H, N, norm_eps, out_scale,
@@ -267,12 +266,12 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
     dv = alloc.empty_like(v)
     common = dict(HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype))
     scalars = (H, N, seqlen_bucket(N), scale * LOG2E, scale, do_scale)
-    _bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
+    _bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * B * H,)](
         q, k, v, g, lse, delta, lam_bhn, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *lam_bhn.stride(), *dk.stride(), *dv.stride(),
         *scalars, **common,
     )
-    _bwd_dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
+    _bwd_dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)](
         q, k, v, g, lse, delta, lam_bhn, dq,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *lam_bhn.stride(), *dq.stride(),
         *scalars, **common,

@@ -22,6 +22,15 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _block_and_head(N, BLOCK: tl.constexpr):
+    """1-D grid of cdiv(N, BLOCK)·B·H programs: program p takes row block p % nb of (batch·head) p // nb.
+    Consecutive programs share a head, so its K/V stay in L2, and B·H is not capped by a grid axis limit."""
+    pid = tl.program_id(0)
+    nb = tl.cdiv(N, BLOCK)
+    return pid % nb, pid // nb
+
+
+@triton.jit
 def _online_softmax_step(acc, m, l, q, k, v, visible, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold one key block into one map's online-softmax state (running max m and sum l in the log2 domain, fp32
     accumulator acc of width 2d). Called once per map with the same K-block shape and the shared V tile."""
@@ -87,8 +96,7 @@ def _diff_attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_NORM: tl.constexpr, SAVE_FOR_BWD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    start_m, bh = _block_and_head(N, BLOCK_M)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
 
@@ -210,7 +218,7 @@ def diff_attn_fwd(q, k, v, lam_bhn, norm_weight, *, causal, scale, norm_eps, out
             o_pre = alloc.empty(B, H, N, 2 * d, dtype=q.dtype, device=q.device)
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+        return (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
 
     _diff_attn_fwd[grid](
         q, k, v, lam_bhn, norm_weight, out, lse, o2, o_pre,
