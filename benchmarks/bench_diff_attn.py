@@ -133,26 +133,42 @@ def add_speedups(rows):
     return rows
 
 
-def plot(rows, path):
+def plot(rows, path, device=""):
+    """One panel per (shape, dtype, mode): TFLOP/s against N per provider for the sweeps, bars where a shape has a
+    single N (the DiffCLIP shapes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = sorted({(r["shape"], r["dtype"], r["mode"]) for r in rows if r["ms"]})
-    sweeps = [g for g in groups if g[0].startswith("sweep")] or groups
-    fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4), squeeze=False)
-    for ax, (shape, dtype, mode) in zip(axes[0], sweeps):
-        for prov in PROVIDER_NAMES:
-            pts = sorted((r["N"], r["tflops"]) for r in rows if r["provider"] == prov and r["shape"] == shape
-                         and r["dtype"] == dtype and r["mode"] == mode and r["tflops"])
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=prov)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("N")
+    if not groups:
+        return
+    cols = min(4, len(groups))
+    nrows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.axis("off")
+    for ax, (shape, dtype, mode) in zip(axes.flat, groups):
+        sel = [r for r in rows if (r["shape"], r["dtype"], r["mode"]) == (shape, dtype, mode) and r["tflops"]]
+        ns = sorted({r["N"] for r in sel})
+        if len(ns) == 1:
+            provs = [p for p in PROVIDER_NAMES if any(r["provider"] == p for r in sel)]
+            vals = [max(r["tflops"] for r in sel if r["provider"] == p) for p in provs]
+            ax.bar(provs, vals, color=[f"C{PROVIDER_NAMES.index(p)}" for p in provs])
+            b = sel[0]
+            ax.set_title(f"{shape} B={b['B']} H={b['H']} N={b['N']} d={b['d']}\n{dtype} {mode}", fontsize=9)
+        else:
+            for prov in PROVIDER_NAMES:
+                pts = sorted((r["N"], r["tflops"]) for r in sel if r["provider"] == prov)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=prov, color=f"C{PROVIDER_NAMES.index(prov)}")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("N")
+            ax.legend(fontsize=7)
+            ax.set_title(f"{shape} {dtype} {mode}", fontsize=9)
         ax.set_ylabel("TFLOP/s")
-        ax.set_title(f"{shape} {dtype} {mode}")
-        ax.legend()
+    fig.suptitle(f"diff_attn on {device}" if device else "diff_attn", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -211,7 +227,7 @@ def main(argv=None):
     if args.json:
         common.write_json(args.json, env, rows, extra)
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, args.plot, env["device"])
     return 0
 
 

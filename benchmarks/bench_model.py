@@ -144,11 +144,11 @@ def main(argv=None):
     if args.json:
         common.write_json(args.json, env, rows, extra)
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, args.plot, env["device"])
     return 0
 
 
-def plot(rows, path):
+def plot(rows, path, device=""):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,6 +163,7 @@ def plot(rows, path):
         ax.set_xticks(range(len(sel)), labels, rotation=90, fontsize=7)
         ax.set_ylabel("items/s")
         ax.set_title(task)
+    fig.suptitle(f"DiffCLIP ViT-B/16 on {device}" if device else "DiffCLIP", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

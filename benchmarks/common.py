@@ -56,7 +56,7 @@ def git_sha() -> str:
 def environment() -> dict:
     import triton
 
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()}, no GPU)"
     return {
         "device": dev,
         "torch": torch.__version__,
