@@ -11,7 +11,6 @@ import argparse
 import os
 import pathlib
 
-import numpy as np
 import torch
 
 from .config import DiffCLIPConfig, infer_config
@@ -23,7 +22,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: unsafe, not DiffCLIP, or with missing/unexpected keys."""
 
 
-def _numpy_scalar():
+def _numpy_scalar(np):
     try:
         return np._core.multiarray.scalar  # numpy >= 2
     except AttributeError:  # pragma: no cover - numpy 1.x
@@ -36,24 +35,36 @@ def _allowed_globals():
     numpy scalars (`best_acc1`) and dtypes, the argparse.Namespace of training arguments, and the paths in it.
     Files written under numpy 1.x name the scalar `numpy.core.multiarray.scalar`; both spellings are allowed.
     """
-    scalar = _numpy_scalar()
     pairs = [
-        (scalar, "numpy._core.multiarray.scalar"),
-        (scalar, "numpy.core.multiarray.scalar"),
-        (np.dtype, "numpy.dtype"),
         (argparse.Namespace, "argparse.Namespace"),
         (pathlib.PosixPath, "pathlib.PosixPath"),
         (pathlib.PurePosixPath, "pathlib.PurePosixPath"),
     ]
+    try:
+        import numpy as np
+    except ImportError:  # without numpy no numpy global can be unpickled anyway
+        return pairs
+    scalar = _numpy_scalar(np)
+    pairs += [
+        (scalar, "numpy._core.multiarray.scalar"),
+        (scalar, "numpy.core.multiarray.scalar"),
+        (np.dtype, "numpy.dtype"),
+    ]
     # numpy >= 1.25 pickles dtypes through their classes (numpy.dtypes.Float64DType, ...).
-    for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType"):
+    for name in (n.rsplit(".", 1)[1] for n in ALLOWED_GLOBAL_NAMES if n.startswith("numpy.dtypes.")):
         cls = getattr(getattr(np, "dtypes", None), name, None)
         if cls is not None:
             pairs.append((cls, f"numpy.dtypes.{name}"))
     return pairs
 
 
-ALLOWED_GLOBAL_NAMES = frozenset(name for _, name in _allowed_globals())
+# Names, fixed whether or not numpy is installed: the check below refuses by name, before anything is imported.
+ALLOWED_GLOBAL_NAMES = frozenset({
+    "argparse.Namespace", "pathlib.PosixPath", "pathlib.PurePosixPath", "numpy._core.multiarray.scalar",
+    "numpy.core.multiarray.scalar", "numpy.dtype",
+    *(f"numpy.dtypes.{n}" for n in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType",
+                                    "BoolDType")),
+})
 
 
 def load_pickled(path: str) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from . import backends
 
@@ -56,18 +57,19 @@ class DiffAttention(nn.Module):
         return l1 - l2 + self.lambda_init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
         h, d = self.heads, self.head_dim
-        # Views of the projections, no copies: every backend takes strided (B, heads, N, d) inputs.
-        q = self.q_proj(x).view(B, N, h, d).transpose(1, 2)
-        k = self.k_proj(x).view(B, N, h, d).transpose(1, 2)
-        v = self.v_proj(x).view(B, N, h // 2, 2 * d).transpose(1, 2)
+        # Views of the projections, no copies: every backend takes strided (B, heads, N, d) inputs. V has half the
+        # heads at twice the width: diff-head i pairs query/key heads 2i and 2i+1 with value head i.
+        q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=h)
+        k = rearrange(self.k_proj(x), "b n (h d) -> b h n d", h=h)
+        v = rearrange(self.v_proj(x), "b n (h e) -> b h n e", h=h // 2)
         name = backends.resolve(self.backend, x.device, d, x.dtype)
         o = backends.get(name)(
             q, k, v, self.lam(), causal=self.causal, norm_weight=self.diff_norm.weight,
             norm_eps=self.diff_norm.eps, out_scale=1.0 - self.lambda_init,
         )
-        return self.out_proj(o.transpose(1, 2).reshape(B, N, C))
+        # triton returns a transposed view of a (B, N, H, 2d) buffer: this rearrange is a view, not a copy.
+        return self.out_proj(rearrange(o, "b h n e -> b n (h e)"))
 
 
 class QuickGELU(nn.Module):

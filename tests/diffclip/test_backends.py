@@ -77,3 +77,21 @@ def test_sdpa_backend_matches_reference_for_every_lambda_kind():
             a = backends.sdpa_diff_attn(q, k, v, lam, causal=causal, norm_weight=w, out_scale=0.2)
             b = diff_attn_reference(q, k, v, lam, causal=causal, norm_weight=w, out_scale=0.2)
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_backend_gets_projection_views_and_fused_norm(monkeypatch):
+    """No copies between the projections and the kernel; the norm epilogue is handed to the kernel."""
+    seen = {}
+    fn, reason = backends.BACKENDS["triton"]
+
+    def spy(q, k, v, lam, **kw):
+        seen.update(q_stride=q.stride(), v_stride=v.stride(), norm=kw["norm_weight"] is not None,
+                    out_scale=kw["out_scale"])
+        return fn(q, k, v, lam, **kw)
+
+    monkeypatch.setitem(backends.BACKENDS, "triton", (spy, reason))
+    model = DiffCLIP(TINY, attn_backend="triton")
+    model.encode_image(torch.randn(1, 3, 32, 32))
+    N, C, d = 5, 32, 16  # 4 patches + class token; width 32; 2 heads of 16
+    assert seen["q_stride"] == (N * C, d, C, 1) and seen["v_stride"] == (N * C, 2 * d, C, 1)
+    assert seen["norm"] and seen["out_scale"] == pytest.approx(1 - TINY.lambda_init)
