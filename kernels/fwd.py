@@ -143,7 +143,6 @@ def _diff_attn_fwd_kernel(
     # A row whose keys are all masked has l == 0: it outputs 0 instead of 0/0.
     has1 = l1 > 0
     has2 = l2 > 0
-    row_ok = offs_m < N
     tile_off = offs_m[:, None] * (2 * HEAD_DIM) + offs_dv[None, :]  # in the contiguous saved (B, H, N, 2d) layout
     sav_base = ((b * H + h) * N) * (2 * HEAD_DIM)
     acc2 = acc2 * (1.0 / tl.where(has2, l2, 1.0))[:, None]  # = O2
