@@ -218,7 +218,7 @@ def check_preprocess(arch, dtype, head_dim, has_norm=True):
     return _result("bwd_pre", compile_preprocess(arch, dtype, head_dim, has_norm), arch, dtype, head_dim, False, cfg)
 
 
-def collect(archs=(80, 90), dtypes=("fp16", "bf16"), head_dims=(64, 128)):
+def collect(archs=(80, 90), dtypes=("fp16", "bf16", "fp32"), head_dims=(64, 128)):
     """Compile every default config of every kernel for each problem class; a list of CompileResult."""
     out = []
     for arch in archs:

@@ -8,41 +8,66 @@ interpreter a single config is used (autotuning there would only measure numpy).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 
 from .runtime import interpreter_enabled
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, head dims it is for[, lowest sm it is for]).
-# One forward program holds two fp32 accumulators of BLOCK_M x 2d, i.e. the registers of a plain flash-attention
-# program with a 4d-wide output; d=128 therefore only gets 32/64-row blocks. Every row here compiles for sm_80 and
-# sm_90 without spills (checked by tests/kernels/test_compile.py; `python -m kernels.compile_check` prints them).
 _SMALL_D = (16, 32, 64)
+_ALL_D = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One autotune candidate and the problems it is for."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    head_dims: tuple = _SMALL_D
+    min_sm: int = 80  # lowest compute capability (x10) it compiles cleanly for
+    fp32: bool = False  # fp32 inputs (ieee dots, twice the operand registers) get their own small rows only
+
+    def config(self) -> triton.Config:
+        cfg = triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, num_warps=self.warps,
+                            num_stages=self.stages)
+        cfg.row = self  # travels with the Config for the prune filter (not a kernel argument)
+        return cfg
+
+
+# One forward program holds two fp32 accumulators of BLOCK_M x 2d, i.e. the registers of a plain flash-attention
+# program with a 4d-wide output; d=128 therefore only gets 32/64-row blocks. Every row compiles for sm_80 and
+# sm_90 without spills (checked by tests/kernels/test_compile.py; `python -m kernels.compile_check` prints them).
 _FWD = [
-    (128, 32, 8, 2, _SMALL_D, 90),  # spills 24 B on sm_80 with Triton 3.6's ptxas: Hopper and newer only
-    (64, 64, 8, 2, _SMALL_D),
-    (64, 64, 8, 3, _SMALL_D),
-    (64, 32, 8, 3, _SMALL_D),
-    (32, 64, 4, 2, _SMALL_D),
-    (32, 64, 8, 2, (128,)),
-    (32, 32, 8, 3, (128,)),
-    (32, 32, 8, 2, (128,)),
+    Row(128, 32, 8, 2, min_sm=90),  # spills 24 B on sm_80 with Triton 3.6's ptxas: Hopper and newer only
+    Row(64, 64, 8, 2),
+    Row(64, 64, 8, 3),
+    Row(64, 32, 8, 3),
+    Row(32, 64, 4, 2),
+    Row(32, 64, 8, 2, (128,)),
+    Row(32, 32, 8, 3, (128,)),
+    Row(32, 32, 8, 2, (128,)),
+    Row(16, 16, 4, 1, _ALL_D, fp32=True),
 ]
 # Backward: the dK/dV program keeps dK1, dK2 (BLOCK_N x d) and dV (BLOCK_N x 2d) in fp32 while it streams query
 # blocks; the dQ program keeps dQ1, dQ2 (BLOCK_M x d). Rows chosen from a ptxas sweep (no spills on sm_80/sm_90).
 _BWD_DKDV = [
-    (64, 32, 8, 2, _SMALL_D),
-    (32, 32, 4, 2, _SMALL_D),
-    (64, 16, 4, 2, _SMALL_D),
-    (32, 32, 8, 2, (128,)),
+    Row(64, 32, 8, 2),
+    Row(32, 32, 4, 2),
+    Row(64, 16, 4, 2),
+    Row(32, 32, 8, 2, (128,)),
+    Row(16, 16, 8, 1, _ALL_D, fp32=True),
 ]
 _BWD_DQ = [
-    (64, 64, 8, 2, _SMALL_D),
-    (64, 32, 4, 2, _SMALL_D),
-    (32, 64, 4, 2, _SMALL_D),
-    (64, 32, 8, 2, (128,)),
-    (32, 64, 8, 2, (128,)),
+    Row(64, 64, 8, 2),
+    Row(64, 32, 4, 2),
+    Row(32, 64, 4, 2),
+    Row(64, 32, 8, 2, (128,)),
+    Row(32, 64, 8, 2, (128,)),
+    Row(16, 16, 4, 1, _ALL_D, fp32=True),
 ]
 
 INTERPRET_FWD = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)
@@ -50,15 +75,7 @@ INTERPRET_BWD = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_s
 
 
 def _cfgs(rows):
-    # The head dims and lowest architecture a row is for travel in the Config as plain attributes (not kernel
-    # arguments).
-    out = []
-    for m, n, w, s, dims, *min_sm in rows:
-        cfg = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        cfg.head_dims = dims
-        cfg.min_sm = min_sm[0] if min_sm else 0
-        out.append(cfg)
-    return out
+    return [r.config() for r in rows]
 
 
 def fwd_configs():
@@ -73,25 +90,16 @@ def bwd_dq_configs():
     return [INTERPRET_BWD] if interpreter_enabled() else _cfgs(_BWD_DQ)
 
 
-def _fits(cfg: triton.Config, head_dim: int, dtype_bytes: int, causal: bool, seqlen: int, sm: int,
-          fp32_tile: int) -> bool:
-    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-    if head_dim not in getattr(cfg, "head_dims", (head_dim,)) or sm < getattr(cfg, "min_sm", 0):
+def config_fits(cfg: triton.Config, head_dim: int, dtype_bytes: int, causal: bool, seqlen: int, sm: int) -> bool:
+    """Whether a config is legal and worth trying for this problem on architecture sm (e.g. 90)."""
+    row = getattr(cfg, "row", None)
+    if row is None:  # the interpreter's single config
+        return True
+    if head_dim not in row.head_dims or sm < row.min_sm or row.fp32 != (dtype_bytes == 4):
         return False
-    if causal and bm % bn != 0:  # the causal split point is a multiple of BLOCK_M that must be BLOCK_N-aligned
+    if causal and row.block_m % row.block_n != 0:  # the forward's causal split must be BLOCK_N-aligned
         return False
-    if dtype_bytes == 4 and bm * bn > fp32_tile:  # fp32 operands (ieee dots) take twice the registers
-        return False
-    return not (bm > 64 and seqlen <= 64)  # short sequences: a 128-row block would be mostly masked
-
-
-def fwd_config_fits(cfg, head_dim, dtype_bytes, causal, seqlen, sm):
-    """Whether a forward config is legal and worth trying for this problem on architecture sm (e.g. 90)."""
-    return _fits(cfg, head_dim, dtype_bytes, causal, seqlen, sm, fp32_tile=64 * 32)
-
-
-def bwd_config_fits(cfg, head_dim, dtype_bytes, causal, seqlen, sm):
-    return _fits(cfg, head_dim, dtype_bytes, False, seqlen, sm, fp32_tile=32 * 32)
+    return not (row.block_m > 64 and seqlen <= 64)  # short sequences: a 128-row block would be mostly masked
 
 
 def _device_sm(t) -> int:
@@ -115,26 +123,28 @@ def _prune(fits):
             c for c in configs
             if fits(c, args["HEAD_DIM"], q.element_size(), bool(args["CAUSAL"]), int(args["N"]), _device_sm(q))
         ]
-        # Never return an empty list: the smallest config is legal for every problem.
-        kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        if not kept:  # every (head dim, dtype, arch) has rows; reaching this is a bug in the lists
+            raise RuntimeError(f"no kernel config fits HEAD_DIM={args['HEAD_DIM']} dtype={q.dtype} "
+                               f"causal={args['CAUSAL']} N={args['N']}")
         return kept if autotune_enabled() else kept[:1]
 
     return prune
 
 
-prune_fwd = _prune(fwd_config_fits)
-prune_bwd = _prune(bwd_config_fits)
+prune_fwd = _prune(config_fits)
+# The backward's loops need no BLOCK_M/BLOCK_N alignment for causal masking.
+prune_bwd = _prune(lambda cfg, d, nbytes, causal, n, sm: config_fits(cfg, d, nbytes, False, n, sm))
 
 
 def default_fwd_rows(head_dim: int, dtype_bytes: int, causal: bool, sm: int, seqlen: int = 4096):
     """The (BLOCK_M, BLOCK_N, warps, stages) rows autotuning may pick for this problem on a GPU."""
-    return [c for c in _cfgs(_FWD) if fwd_config_fits(c, head_dim, dtype_bytes, causal, seqlen, sm)]
+    return [c for c in _cfgs(_FWD) if config_fits(c, head_dim, dtype_bytes, causal, seqlen, sm)]
 
 
 def default_bwd_rows(kernel: str, head_dim: int, dtype_bytes: int, causal: bool, sm: int, seqlen: int = 4096):
     """Same for the backward's "dkdv" or "dq" kernel."""
     rows = _BWD_DKDV if kernel == "dkdv" else _BWD_DQ
-    return [c for c in _cfgs(rows) if bwd_config_fits(c, head_dim, dtype_bytes, causal, seqlen, sm)]
+    return [c for c in _cfgs(rows) if config_fits(c, head_dim, dtype_bytes, False, seqlen, sm)]
 
 
 def pre_block_m(head_dim: int) -> int:

@@ -1,6 +1,6 @@
 """GPU compile check, on any machine: every default config of every kernel is compiled ahead of time for sm_80
-and sm_90 (fp16 and bf16; d = 64 and 128; causal and not). Shared memory must fit the architecture and ptxas must
-report no spill stores. Triton's interpreter accepts code that this step rejects, so keep it green.
+and sm_90 (fp16, bf16 and fp32; d = 64 and 128; causal and not). Shared memory must fit the architecture and
+ptxas must report no spill stores. Triton's interpreter accepts code that this step rejects, so keep it green.
 
 The compilation runs once, in a subprocess without TRITON_INTERPRET (the interpreter's @triton.jit objects cannot
 be compiled), through `python -m kernels.compile_check --json`. Select with `pytest -k compile`.
@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 from kernels.compile_check import SMEM_LIMIT  # noqa: E402
 
 ARCHS = [80, 90]
-DTYPES = ["fp16", "bf16"]
+DTYPES = ["fp16", "bf16", "fp32"]  # fp32: the ieee-dot correctness path, one small config per kernel
 HEAD_DIMS = [64, 128]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
