@@ -5,7 +5,7 @@
 | eager  | `kernels.diff_attn_reference` (both N x N maps)  | anywhere                                   |
 | sdpa   | two `F.scaled_dot_product_attention` calls       | anywhere                                   |
 | triton | `kernels.diff_attn`, norm epilogue fused         | CUDA with Triton; CPU with TRITON_INTERPRET=1 |
-| auto   | triton on CUDA when Triton imports, else sdpa    | anywhere                                   |
+| auto   | triton on CUDA in fp16/bf16 when Triton imports, else sdpa | anywhere                         |
 
 An explicitly named backend never falls back: if it cannot run, the forward raises RuntimeError saying why.
 Choice: the argument, else $DIFFCLIP_ATTN_BACKEND, else auto.
@@ -77,11 +77,12 @@ def check_name(name) -> str:
 
 
 def resolve(name: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> str:
-    """The concrete backend for a call. "auto" picks triton where it runs well, else sdpa; a named backend
-    that cannot run here raises RuntimeError (no silent fallback)."""
+    """The concrete backend for a call. "auto" picks triton where it runs well (CUDA, fp16/bf16, a supported head
+    dim; the kernel's fp32 path is exact but not tuned for speed), else sdpa; a named backend that cannot run here
+    raises RuntimeError (no silent fallback)."""
     if name == "auto":
         ok = (device.type == "cuda" and _triton_reason(device) is None
-              and head_dim in (16, 32, 64, 128) and dtype in (torch.float16, torch.bfloat16, torch.float32))
+              and head_dim in (16, 32, 64, 128) and dtype in (torch.float16, torch.bfloat16))
         return "triton" if ok else "sdpa"
     reason = BACKENDS[name][1](device)
     if reason is not None:

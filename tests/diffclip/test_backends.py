@@ -95,3 +95,12 @@ def test_triton_backend_gets_projection_views_and_fused_norm(monkeypatch):
     N, C, d = 5, 32, 16  # 4 patches + class token; width 32; 2 heads of 16
     assert seen["q_stride"] == (N * C, d, C, 1) and seen["v_stride"] == (N * C, 2 * d, C, 1)
     assert seen["norm"] and seen["out_scale"] == pytest.approx(1 - TINY.lambda_init)
+
+
+def test_auto_picks_triton_only_where_it_is_fast(monkeypatch):
+    monkeypatch.setattr(backends, "_triton_reason", lambda device: None)
+    cuda = torch.device("cuda")
+    assert backends.resolve("auto", cuda, 64, torch.bfloat16) == "triton"
+    assert backends.resolve("auto", cuda, 64, torch.float16) == "triton"
+    assert backends.resolve("auto", cuda, 64, torch.float32) == "sdpa"  # the kernel's fp32 path is exact, not fast
+    assert backends.resolve("auto", cuda, 96, torch.bfloat16) == "sdpa"  # unsupported head dim
