@@ -133,6 +133,41 @@ def add_speedups(rows):
     return rows
 
 
+# The issues' performance targets (H100, bf16), checked on every run that has the rows they need.
+TARGETS = [
+    # (name, shape label, mode, metric, baseline provider or None, threshold)
+    ("vision fwd >= 1.5x sdpa2", "vision", "fwd", "speedup", "sdpa2", 1.5),
+    ("vision fwd >= 1.3x sdpa4", "vision", "fwd", "speedup", "sdpa4", 1.3),
+    ("vision fwd >= 6x eager", "vision", "fwd", "speedup", "eager", 6.0),
+    ("text fwd >= 1.5x sdpa2", "text", "fwd", "speedup", "sdpa2", 1.5),
+    ("N=4096 fwd >= 350 TFLOP/s", "long", "fwd", "tflops", None, 350.0),
+    ("N=4096 fwd+bwd >= 1.3x sdpa2", "long", "fwd+bwd", "speedup", "sdpa2", 1.3),
+]
+
+
+def evaluate_targets(rows):
+    """[{target, value, met}] for each target whose rows (bf16, largest batch of that shape) are present."""
+    out = []
+    for name, shape, mode, metric, base, threshold in TARGETS:
+        cand = [r for r in rows if r["shape"] == shape and r["mode"] == mode and r["dtype"] == "bf16"]
+        if not cand:
+            continue
+        batch = max(r["B"] for r in cand)
+        case = {r["provider"]: r for r in cand if r["B"] == batch}
+        ours = case.get("triton")
+        if not ours or not ours["ms"]:
+            continue
+        if metric == "tflops":
+            value = ours["tflops"]
+        else:
+            b = case.get(base)
+            if not b or not b["ms"]:
+                continue
+            value = b["ms"] / ours["ms"]
+        out.append({"target": f"{name} (B={batch})", "value": round(value, 3), "met": value >= threshold})
+    return out
+
+
 def plot(rows, path, device=""):
     """One panel per (shape, dtype, mode): TFLOP/s against N per provider for the sweeps, bars where a shape has a
     single N (the DiffCLIP shapes)."""
@@ -222,7 +257,10 @@ def main(argv=None):
                               ("dtype", "dtype", "5"), ("mode", "mode", "8"), ("provider", "provider", "8"),
                               ("ms", "ms", ".3f"), ("tflops", "TFLOP/s", ".1f"), ("peak_mb", "peak MB", ".0f"),
                               ("speedup_vs_eager", "x eager", ".2f"), ("speedup_vs_sdpa2", "x sdpa2", ".2f")])
-    extra = {"benchmark": "diff_attn", "smoke": args.smoke,
+    targets = evaluate_targets(rows)
+    for t in targets:
+        print(f"target {t['target']}: {t['value']} -> {'met' if t['met'] else 'NOT met'}")
+    extra = {"benchmark": "diff_attn", "smoke": args.smoke, "targets": targets,
              "flops": {"fwd": "12*N^2*d per diff-head", "bwd": "20*N^2*d per diff-head", "causal": "halved"}}
     if args.json:
         common.write_json(args.json, env, rows, extra)

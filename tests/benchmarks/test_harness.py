@@ -59,3 +59,18 @@ def test_model_smoke(tmp_path):
     assert {r["task"] for r in rows} == {"encode_image", "encode_text", "train_step"}
     assert all(r["ms"] and r["per_s"] > 0 for r in rows), [r for r in rows if not r["ms"]]
     assert png.exists()
+
+
+def test_targets_are_evaluated_from_rows():
+    def row(provider, ms, shape="vision", mode="fwd", B=256, tflops=None):
+        return dict(provider=provider, ms=ms, shape=shape, mode=mode, dtype="bf16", B=B, tflops=tflops)
+
+    rows = [row("triton", 1.0), row("sdpa2", 1.6), row("sdpa4", 1.2), row("eager", 7.0),
+            row("triton", 9.0, B=1), row("sdpa2", 1.0, B=1),  # smaller batch: ignored
+            row("triton", 2.0, shape="long", B=4, tflops=400.0)]
+    got = {t["target"]: t for t in bench_diff_attn.evaluate_targets(rows)}
+    assert got["vision fwd >= 1.5x sdpa2 (B=256)"]["met"] and got["vision fwd >= 1.5x sdpa2 (B=256)"]["value"] == 1.6
+    assert not got["vision fwd >= 1.3x sdpa4 (B=256)"]["met"]
+    assert got["vision fwd >= 6x eager (B=256)"]["met"]
+    assert got["N=4096 fwd >= 350 TFLOP/s (B=4)"]["met"]
+    assert not any(k.startswith("text") for k in got)  # no rows, no verdict
