@@ -111,6 +111,36 @@ def _load_key_rows(k_base, stride_kh, stride_kn, stride_kd, v_base, stride_vn, s
 
 
 @triton.jit
+def _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, q_base, stride_qh, stride_qn, stride_qd, do_base, stride_on,
+                stride_od, LSE, DELTA, row_base, lam_base, stride_ln, offs_d, offs_dv, N, lo, hi, qk_scale, do_scale,
+                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold query blocks [lo, hi) into one key block's dK1, dK2 and dV (keys along rows: no transposes).
+
+    Only MASKED blocks (the causal diagonal) build a mask. Query rows past N need none: they read lse = +inf, so
+    their probabilities are exactly 0. Key rows past N need none either: each accumulator row belongs to one key,
+    and rows past N are never stored.
+    """
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q1, q2, do, lse1, lse2, d1, d2, lam, q_ok = _load_query_rows(
+            q_base, stride_qh, stride_qn, stride_qd, do_base, stride_on, stride_od, LSE, DELTA, row_base,
+            lam_base, stride_ln, offs_m, offs_d, offs_dv, N)
+        p1t = tl.math.exp2(tl.dot(k1, tl.trans(q1), input_precision=DOT_PRECISION) * qk_scale - lse1[None, :])
+        p2t = tl.math.exp2(tl.dot(k2, tl.trans(q2), input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
+        if MASKED:
+            visible = offs_m[None, :] >= offs_n[:, None]
+            p1t = tl.where(visible, p1t, 0.0)
+            p2t = tl.where(visible, p2t, 0.0)
+        dv = tl.dot((p1t - lam[None, :] * p2t).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) * do_scale
+        ds1t = p1t * (dpt - d1[None, :])
+        ds2t = -lam[None, :] * p2t * (dpt - d2[None, :])
+        dk1 = tl.dot(ds1t.to(q1.dtype), q1, dk1, input_precision=DOT_PRECISION)
+        dk2 = tl.dot(ds2t.to(q2.dtype), q2, dk2, input_precision=DOT_PRECISION)
+    return dk1, dk2, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, LAM, DK, DV,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -145,27 +175,19 @@ def _bwd_dkdv_kernel(
     do_base = DO + b * stride_ob + h * stride_oh
     row_base = (b * 2 * H + 2 * h) * N  # LSE and DELTA rows of map 1; map 2 follows at +N
     lam_base = LAM + b * stride_lb + h * stride_lh
-    # Causal: queries before this key block never see it; start at the query block holding `start_n`.
-    lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
-    for start_m in range(lo, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q1, q2, do, lse1, lse2, d1, d2, lam, q_ok = _load_query_rows(
-            q_base, stride_qh, stride_qn, stride_qd, do_base, stride_on, stride_od, LSE, DELTA, row_base,
-            lam_base, stride_ln, offs_m, offs_d, offs_dv, N)
-
-        visible = key_ok[:, None] & q_ok[None, :]
-        if CAUSAL:
-            visible = visible & (offs_m[None, :] >= offs_n[:, None])
-        p1t = tl.math.exp2(tl.dot(k1, tl.trans(q1), input_precision=DOT_PRECISION) * qk_scale - lse1[None, :])
-        p1t = tl.where(visible, p1t, 0.0)
-        p2t = tl.math.exp2(tl.dot(k2, tl.trans(q2), input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
-        p2t = tl.where(visible, p2t, 0.0)
-        dv = tl.dot((p1t - lam[None, :] * p2t).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) * do_scale
-        ds1t = p1t * (dpt - d1[None, :])
-        ds2t = -lam[None, :] * p2t * (dpt - d2[None, :])
-        dk1 = tl.dot(ds1t.to(q1.dtype), q1, dk1, input_precision=DOT_PRECISION)
-        dk2 = tl.dot(ds2t.to(q2.dtype), q2, dk2, input_precision=DOT_PRECISION)
+    common = (q_base, stride_qh, stride_qn, stride_qd, do_base, stride_on, stride_od, LSE, DELTA, row_base,
+              lam_base, stride_ln, offs_d, offs_dv, N)
+    if CAUSAL:
+        # Queries before this key block never see it: start at the query block holding `start_n`. Query blocks
+        # from `mid` on lie wholly below the diagonal and need no mask.
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        mid = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, N)
+        dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, *common, lo, mid, qk_scale, do_scale,
+                                   True, BLOCK_M, DOT_PRECISION)
+    else:
+        mid = 0
+    dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, *common, mid, N, qk_scale, do_scale,
+                               False, BLOCK_M, DOT_PRECISION)
 
     dk_base = DK + b * stride_dkb + (2 * h) * stride_dkh
     dk_off = offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -173,6 +195,35 @@ def _bwd_dkdv_kernel(
     tl.store(dk_base + stride_dkh + dk_off, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(DV + b * stride_dvb + h * stride_dvh + (offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd),
              (dv * do_scale).to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+@triton.jit
+def _dq_inner(dq1, dq2, q1, q2, do, lse1, lse2, d1, d2, lam, offs_m, k_base, stride_kh, stride_kn, stride_kd,
+              v_base, stride_vn, stride_vd, offs_d, offs_dv, N, lo, hi, qk_scale, do_scale,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold key blocks [lo, hi) into one query block's dQ1, dQ2.
+
+    MASKED blocks (the causal diagonal and the sequence tail) mask keys: a key past N would add p·0 to dQ, but its
+    p = exp(-lse) can overflow to inf, and inf·0 is NaN. Query rows past N read lse = +inf (p = 0) and need none.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k1, k2, v, key_ok = _load_key_rows(k_base, stride_kh, stride_kn, stride_kd, v_base, stride_vn, stride_vd,
+                                           offs_n, offs_d, offs_dv, N)
+        p1 = tl.math.exp2(tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION) * qk_scale - lse1[:, None])
+        p2 = tl.math.exp2(tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
+        if MASKED:
+            visible = key_ok[None, :]
+            if CAUSAL:
+                visible = visible & (offs_m[:, None] >= offs_n[None, :])
+            p1 = tl.where(visible, p1, 0.0)
+            p2 = tl.where(visible, p2, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) * do_scale
+        ds1 = p1 * (dp - d1[:, None])
+        ds2 = -lam[:, None] * p2 * (dp - d2[:, None])
+        dq1 = tl.dot(ds1.to(k1.dtype), k1, dq1, input_precision=DOT_PRECISION)
+        dq2 = tl.dot(ds2.to(k2.dtype), k2, dq2, input_precision=DOT_PRECISION)
+    return dq1, dq2
 
 
 @triton.jit
@@ -206,23 +257,19 @@ def _bwd_dq_kernel(
     dq2 = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     k_base = K + b * stride_kb + (2 * h) * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    hi = tl.minimum(start_m + BLOCK_M, N) if CAUSAL else N  # causal: key blocks past the last row are skipped
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k1, k2, v, key_ok = _load_key_rows(k_base, stride_kh, stride_kn, stride_kd, v_base, stride_vn, stride_vd,
-                                           offs_n, offs_d, offs_dv, N)
-        visible = q_ok[:, None] & key_ok[None, :]
-        if CAUSAL:
-            visible = visible & (offs_m[:, None] >= offs_n[None, :])
-        p1 = tl.math.exp2(tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION) * qk_scale - lse1[:, None])
-        p1 = tl.where(visible, p1, 0.0)
-        p2 = tl.math.exp2(tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
-        p2 = tl.where(visible, p2, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) * do_scale
-        ds1 = p1 * (dp - d1[:, None])
-        ds2 = -lam[:, None] * p2 * (dp - d2[:, None])
-        dq1 = tl.dot(ds1.to(k1.dtype), k1, dq1, input_precision=DOT_PRECISION)
-        dq2 = tl.dot(ds2.to(k2.dtype), k2, dq2, input_precision=DOT_PRECISION)
+    # Keys below `lo` are visible to every row of the block and exist: no mask. [lo, hi) holds the causal
+    # diagonal or the sequence tail; causal programs skip key blocks past their last row.
+    if CAUSAL:
+        lo = (start_m // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(start_m + BLOCK_M, N)
+    else:
+        lo = (N // BLOCK_N) * BLOCK_N
+        hi = N
+    common = (offs_m, k_base, stride_kh, stride_kn, stride_kd, v_base, stride_vn, stride_vd, offs_d, offs_dv, N)
+    dq1, dq2 = _dq_inner(dq1, dq2, q1, q2, do, lse1, lse2, d1, d2, lam, *common, 0, lo, qk_scale, do_scale,
+                         False, CAUSAL, BLOCK_N, DOT_PRECISION)
+    dq1, dq2 = _dq_inner(dq1, dq2, q1, q2, do, lse1, lse2, d1, d2, lam, *common, lo, hi, qk_scale, do_scale,
+                         True, CAUSAL, BLOCK_N, DOT_PRECISION)
 
     dq_base = DQ + b * stride_dqb + (2 * h) * stride_dqh
     dq_off = offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
