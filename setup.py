@@ -6,6 +6,8 @@ preprocessing, checkpoint download and the `diffclip` command line; `.[dev]` add
 benchmark tools.
 """
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 CLIP = [
@@ -24,7 +26,7 @@ setup(
     name="diffclip-triton",
     version="0.1.0",
     description="Fused Triton differential attention (Differential Transformer / DiffCLIP) and the DiffCLIP model",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["kernels", "kernels.*", "diffclip", "diffclip.*", "benchmarks"]),

@@ -77,16 +77,14 @@ def main(argv=None):
     rows = []
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
-        models = {b: None for b in backends}
+        # One set of DiffCLIP weights whose backend is switched per row, and the plain-CLIP reference model.
         base = DiffCLIP(config, attn_backend="eager").to(device, dtype).eval()
-        for b in backends:
-            models[b] = base  # one set of weights; the backend is switched per row
-        models["plain-clip"] = plain_clip(config).to(device, dtype).eval()
+        plain = plain_clip(config).to(device, dtype).eval()
         check_img, check_txt = make_inputs(config, 2, device, dtype)
         with torch.no_grad():
             ref = base.set_attn_backend("eager")(check_img, check_txt)
         for name in [*backends, "plain-clip"]:
-            model = models[name]
+            model = plain if name == "plain-clip" else base
             row_base = dict(model=name if name == "plain-clip" else "diffclip", backend=name, dtype=dtype_name)
             err, skipped = None, None
             try:
@@ -135,7 +133,7 @@ def main(argv=None):
                 rows.append(row)
                 status = f"{row['ms']:.2f} ms" if row["ms"] else f"skipped: {row['skipped']}"
                 print(f"{dtype_name} {name:10} {task:12} B={batch:<4} {status}", flush=True)
-        del models, base
+        del plain, base
     print()
     common.print_table(rows, [("model", "model", "10"), ("backend", "backend", "10"), ("dtype", "dtype", "5"),
                               ("task", "task", "12"), ("batch", "batch", "d"), ("ms", "ms", ".2f"),

@@ -53,7 +53,8 @@ def test_backends_agree_and_train(tiny_io):
 
 
 def test_vit_b16_keys_match_official_manifest():
-    manifest = json.load(open(need(VITB16_KEYS)))
+    with open(need(VITB16_KEYS)) as f:
+        manifest = json.load(f)
     with torch.device("meta"):
         model = DiffCLIP(DiffCLIPConfig.vit_b16(), attn_backend="eager")
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
