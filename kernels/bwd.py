@@ -20,94 +20,118 @@ import triton
 import triton.language as tl
 
 from . import alloc
-from .configs import bwd_dkdv_configs, bwd_dq_configs, prune_bwd, pre_block_m
-from .fwd import LOG2E, _block_and_head, dot_precision, seqlen_bucket
-
-_LOG2E = tl.constexpr(LOG2E)  # kernels may only read globals declared constexpr
+from .configs import PRUNE, Problem, autotune_configs, device_sm, grid_bucket, launch, pre_block_m, seqlen_bucket
+from .fwd import LOG2E, _block_and_head, dot_precision
+from .runtime import device_guard
+from .validate import tile_strides_ok
 
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    DOUT, OREF, O2, LAM, NORM_W, DO, DELTA, DW_PART,
+    DOUT, OREF, O2, LAM, NORM_W, DO, DELTA, DW_PART, DLAM,
     stride_db, stride_dh, stride_dn, stride_dd,
     stride_rb, stride_rh, stride_rn, stride_rd,
     stride_lb, stride_lh, stride_ln,
+    stride_w,
     H, N, norm_eps, out_scale,
-    HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr, NEED_DW: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr, NEED_DW: tl.constexpr, NEED_DLAM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
-    """Epilogue backward, both Δs, and the norm weight's per-block partial gradient.
+    """Epilogue backward, both Δs, the per-row ∂L/∂λ = −rowsum(dO ⊙ O2), and the norm weight's per-block partial
+    gradient.
 
     OREF is the pre-norm difference o when HAS_NORM, else the output itself (= out_scale·o). Without the norm the
     main kernels read DOUT directly and apply out_scale themselves, so nothing (B, H, N, 2d) is written here.
     """
-    pid_m, bh = _block_and_head(N, BLOCK_M)
+    pid_m, bh = _block_and_head(N, BLOCK_M, False)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, 2 * HEAD_DIM)
-    row_ok = offs_m < N
+    row_ok = pid_m * BLOCK_M + rows < N
     m2 = row_ok[:, None]
 
-    dy = tl.load(DOUT + b * stride_db + h * stride_dh + (offs_m[:, None] * stride_dn + offs_dv[None, :] * stride_dd),
-                 mask=m2, other=0.0).to(tl.float32)
-    o = tl.load(OREF + b * stride_rb + h * stride_rh + (offs_m[:, None] * stride_rn + offs_dv[None, :] * stride_rd),
-                mask=m2, other=0.0).to(tl.float32)
-    sav_off = ((b * H + h) * N) * (2 * HEAD_DIM) + (offs_m[:, None] * (2 * HEAD_DIM) + offs_dv[None, :])
-    o2 = tl.load(O2 + sav_off, mask=m2, other=0.0).to(tl.float32)
-    lam = tl.load(LAM + b * stride_lb + h * stride_lh + offs_m * stride_ln, mask=row_ok, other=0.0).to(tl.float32)
+    dy = tl.load(DOUT + b * stride_db + h * stride_dh + row0 * stride_dn
+                 + (rows[:, None] * stride_dn + offs_dv[None, :] * stride_dd), mask=m2, other=0.0).to(tl.float32)
+    o = tl.load(OREF + b * stride_rb + h * stride_rh + row0 * stride_rn
+                + (rows[:, None] * stride_rn + offs_dv[None, :] * stride_rd), mask=m2, other=0.0).to(tl.float32)
+    sav_base = ((b * H + h) * N + row0) * (2 * HEAD_DIM)  # the saved (B, H, N, 2d) buffers are contiguous
+    sav_tile = rows[:, None] * (2 * HEAD_DIM) + offs_dv[None, :]
+    o2 = tl.load(O2 + sav_base + sav_tile, mask=m2, other=0.0).to(tl.float32)
+    lam = tl.load(LAM + b * stride_lb + h * stride_lh + row0 * stride_ln + rows * stride_ln, mask=row_ok,
+                  other=0.0).to(tl.float32)
 
     if HAS_NORM:
         # y = o·rstd·w·c  =>  dO = rstd·(g − o·rstd²·mean(g ⊙ o)),  g = dy·w·c;   dw = Σ_rows dy ⊙ o·rstd·c
         rstd = tl.math.rsqrt(tl.sum(o * o, 1) / (2 * HEAD_DIM) + norm_eps)
-        w = tl.load(NORM_W + offs_dv).to(tl.float32)
+        w = tl.load(NORM_W + offs_dv * stride_w).to(tl.float32)
         if NEED_DW:
             part = tl.sum(dy * o * rstd[:, None], 0) * out_scale
             tl.store(DW_PART + tl.program_id(0).to(tl.int64) * (2 * HEAD_DIM) + offs_dv, part)
         g = dy * (w * out_scale)[None, :]
         dot_go = tl.sum(g * o, 1) / (2 * HEAD_DIM)
         do = rstd[:, None] * (g - o * (rstd * rstd * dot_go)[:, None])
-        tl.store(DO + sav_off, do.to(DO.dtype.element_ty), mask=m2)
+        if NEED_DLAM:  # λ's gradient from the unrounded dO: it is an output of its own, not part of dS
+            tl.store(DLAM + (b * H + h) * N + row0 + rows, -tl.sum(do * o2, 1), mask=row_ok)
+        do = do.to(DO.dtype.element_ty)
+        tl.store(DO + sav_base + sav_tile, do, mask=m2)
+        # The Δs from the rounded dO that the main kernels' dP = dO·Vᵀ uses, so that dP − Δ is consistent.
+        do = do.to(tl.float32)
         delta_o = tl.sum(do * o, 1)
         delta2 = tl.sum(do * o2, 1)
     else:
         # dO = out_scale·dy and OREF = out_scale·o: rowsum(dO ⊙ o) = rowsum(dy ⊙ OREF), no division by out_scale.
         delta_o = tl.sum(dy * o, 1)
         delta2 = tl.sum(dy * o2, 1) * out_scale
+        if NEED_DLAM:
+            tl.store(DLAM + (b * H + h) * N + row0 + rows, -delta2, mask=row_ok)
     delta1 = delta_o + lam * delta2
-    d_base = DELTA + (b * 2 * H + 2 * h) * N
-    tl.store(d_base + offs_m, delta1, mask=row_ok)
-    tl.store(d_base + N + offs_m, delta2, mask=row_ok)
+    d_base = DELTA + (b * 2 * H + 2 * h) * N + row0
+    tl.store(d_base + rows, delta1, mask=row_ok)
+    tl.store(d_base + N + rows, delta2, mask=row_ok)
 
 
 @triton.jit
 def _load_query_rows(q_base, stride_qh, stride_qn, stride_qd, do_base, stride_on, stride_od, LSE, DELTA, row_base,
-                     lam_base, stride_ln, offs_m, offs_d, offs_dv, N):
-    """Everything the backward needs per query row of one diff-head: Q1, Q2, dO, both LSEs (pre-scaled to log2),
-    both Δs and λ. Rows past N read zeros and lse = +inf, so their probabilities are exactly 0."""
+                     lam_base, stride_ln, start_m, offs_d, offs_dv, N, BLOCK_M: tl.constexpr):
+    """Everything the backward needs for BLOCK_M query rows from `start_m` of one diff-head: Q1, Q2, dO, both LSEs
+    (log2 domain), both Δs and λ. Rows past N read zeros and lse = +inf, so their probabilities are exactly 0.
+
+    Row offsets are 64-bit per element (rows can lie more than 2^31 elements apart). They depend on the loop
+    variable, so nothing is hoisted out of the backward loops: a loop-invariant int32 tile-offset tensor plus a
+    64-bit scalar base (the forward's scheme) stays live across the loop and made dK/dV spill on sm_80/sm_90."""
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = start_m + rows
     q_ok = offs_m < N
-    q_off = offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    q1 = tl.load(q_base + q_off, mask=q_ok[:, None], other=0.0)
-    q2 = tl.load(q_base + stride_qh + q_off, mask=q_ok[:, None], other=0.0)
-    do = tl.load(do_base + (offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od), mask=q_ok[:, None],
-                 other=0.0)
-    lse1 = tl.load(LSE + row_base + offs_m, mask=q_ok, other=float("inf")) * _LOG2E
-    lse2 = tl.load(LSE + row_base + N + offs_m, mask=q_ok, other=float("inf")) * _LOG2E
-    d1 = tl.load(DELTA + row_base + offs_m, mask=q_ok, other=0.0)
-    d2 = tl.load(DELTA + row_base + N + offs_m, mask=q_ok, other=0.0)
-    lam = tl.load(lam_base + offs_m * stride_ln, mask=q_ok, other=0.0).to(tl.float32)
-    return q1, q2, do, lse1, lse2, d1, d2, lam, q_ok
+    r64 = tl.cast(start_m, tl.int64)  # the loop variable: a plain int under the interpreter
+    q_ptrs = q_base + (offs_m.to(tl.int64)[:, None] * stride_qn + offs_d[None, :] * stride_qd)
+    q1 = tl.load(q_ptrs, mask=q_ok[:, None], other=0.0)
+    q2 = tl.load(q_ptrs + stride_qh, mask=q_ok[:, None], other=0.0)
+    do = tl.load(do_base + (offs_m.to(tl.int64)[:, None] * stride_on + offs_dv[None, :] * stride_od),
+                 mask=q_ok[:, None], other=0.0)
+    lse1 = tl.load(LSE + row_base + r64 + rows, mask=q_ok, other=float("inf"))
+    lse2 = tl.load(LSE + row_base + N + r64 + rows, mask=q_ok, other=float("inf"))
+    d1 = tl.load(DELTA + row_base + r64 + rows, mask=q_ok, other=0.0)
+    d2 = tl.load(DELTA + row_base + N + r64 + rows, mask=q_ok, other=0.0)
+    lam = tl.load(lam_base + r64 * stride_ln + rows * stride_ln, mask=q_ok, other=0.0).to(tl.float32)
+    return q1, q2, do, lse1, lse2, d1, d2, lam, offs_m, q_ok
 
 
 @triton.jit
-def _load_key_rows(k_base, stride_kh, stride_kn, stride_kd, v_base, stride_vn, stride_vd, offs_n, offs_d, offs_dv, N):
-    """K1, K2 and V rows of one diff-head (zeros past N) and the in-sequence mask."""
+def _load_key_rows(k_base, stride_kh, stride_kn, stride_kd, v_base, stride_vn, stride_vd, start_n, offs_d, offs_dv,
+                   N, BLOCK_N: tl.constexpr):
+    """K1, K2 and V rows from `start_n` of one diff-head (zeros past N), their indices and the in-sequence mask.
+    64-bit row offsets, as in `_load_query_rows`."""
+    keys = tl.arange(0, BLOCK_N)
+    offs_n = start_n + keys
     key_ok = offs_n < N
-    k_off = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    k1 = tl.load(k_base + k_off, mask=key_ok[:, None], other=0.0)
-    k2 = tl.load(k_base + stride_kh + k_off, mask=key_ok[:, None], other=0.0)
-    v = tl.load(v_base + (offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd), mask=key_ok[:, None],
-                other=0.0)
-    return k1, k2, v, key_ok
+    k_ptrs = k_base + (offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+    k1 = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
+    k2 = tl.load(k_ptrs + stride_kh, mask=key_ok[:, None], other=0.0)
+    v = tl.load(v_base + (offs_n.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :] * stride_vd),
+                mask=key_ok[:, None], other=0.0)
+    return k1, k2, v, offs_n, key_ok
 
 
 @triton.jit
@@ -121,10 +145,9 @@ def _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, q_base, stride_qh, stride_qn, s
     and rows past N are never stored.
     """
     for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q1, q2, do, lse1, lse2, d1, d2, lam, q_ok = _load_query_rows(
+        q1, q2, do, lse1, lse2, d1, d2, lam, offs_m, q_ok = _load_query_rows(
             q_base, stride_qh, stride_qn, stride_qd, do_base, stride_on, stride_od, LSE, DELTA, row_base,
-            lam_base, stride_ln, offs_m, offs_d, offs_dv, N)
+            lam_base, stride_ln, start_m, offs_d, offs_dv, N, BLOCK_M)
         p1t = tl.math.exp2(tl.dot(k1, tl.trans(q1), input_precision=DOT_PRECISION) * qk_scale - lse1[None, :])
         p2t = tl.math.exp2(tl.dot(k2, tl.trans(q2), input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
         if MASKED:
@@ -150,22 +173,22 @@ def _bwd_dkdv_kernel(
     stride_lb, stride_lh, stride_ln,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, N, N_BUCKET, qk_scale, sm_scale, do_scale,
+    H, N, N_BUCKET, GRID_BUCKET, qk_scale, sm_scale, do_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: BLOCK_N keys of one diff-head; loops over the query blocks that see them. Works transposed
-    (keys along rows) so that dK1, dK2 and dV accumulate without a transpose."""
-    block_n, bh = _block_and_head(N, BLOCK_N)
+    (keys along rows) so that dK1, dK2 and dV accumulate without a transpose. Causal key blocks are heaviest
+    first already (block 0 is seen by every query)."""
+    block_n, bh = _block_and_head(N, BLOCK_N, False)
     start_n = block_n * BLOCK_N
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, 2 * HEAD_DIM)
-    k1, k2, v, key_ok = _load_key_rows(K + b * stride_kb + (2 * h) * stride_kh, stride_kh, stride_kn, stride_kd,
-                                       V + b * stride_vb + h * stride_vh, stride_vn, stride_vd,
-                                       offs_n, offs_d, offs_dv, N)
+    k1, k2, v, offs_n, key_ok = _load_key_rows(K + b * stride_kb + (2 * h) * stride_kh, stride_kh, stride_kn,
+                                               stride_kd, V + b * stride_vb + h * stride_vh, stride_vn, stride_vd,
+                                               start_n, offs_d, offs_dv, N, BLOCK_N)
 
     dk1 = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -189,11 +212,14 @@ def _bwd_dkdv_kernel(
     dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, *common, mid, N, qk_scale, do_scale,
                                False, BLOCK_M, DOT_PRECISION)
 
-    dk_base = DK + b * stride_dkb + (2 * h) * stride_dkh
-    dk_off = offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    tl.store(dk_base + dk_off, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
-    tl.store(dk_base + stride_dkh + dk_off, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
-    tl.store(DV + b * stride_dvb + h * stride_dvh + (offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd),
+    keys = tl.arange(0, BLOCK_N)
+    n64 = start_n.to(tl.int64)
+    dk_ptrs = (DK + b * stride_dkb + (2 * h) * stride_dkh + n64 * stride_dkn
+               + (keys[:, None] * stride_dkn + offs_d[None, :] * stride_dkd))
+    tl.store(dk_ptrs, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(dk_ptrs + stride_dkh, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + b * stride_dvb + h * stride_dvh + n64 * stride_dvn
+             + (keys[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd),
              (dv * do_scale).to(DV.dtype.element_ty), mask=key_ok[:, None])
 
 
@@ -207,9 +233,8 @@ def _dq_inner(dq1, dq2, q1, q2, do, lse1, lse2, d1, d2, lam, offs_m, k_base, str
     p = exp(-lse) can overflow to inf, and inf·0 is NaN. Query rows past N read lse = +inf (p = 0) and need none.
     """
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k1, k2, v, key_ok = _load_key_rows(k_base, stride_kh, stride_kn, stride_kd, v_base, stride_vn, stride_vd,
-                                           offs_n, offs_d, offs_dv, N)
+        k1, k2, v, offs_n, key_ok = _load_key_rows(k_base, stride_kh, stride_kn, stride_kd, v_base, stride_vn,
+                                                   stride_vd, start_n, offs_d, offs_dv, N, BLOCK_N)
         p1 = tl.math.exp2(tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION) * qk_scale - lse1[:, None])
         p2 = tl.math.exp2(tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
         if MASKED:
@@ -235,23 +260,23 @@ def _bwd_dq_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_lb, stride_lh, stride_ln,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    H, N, N_BUCKET, qk_scale, sm_scale, do_scale,
+    H, N, N_BUCKET, GRID_BUCKET, qk_scale, sm_scale, do_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program: BLOCK_M queries of one diff-head; loops over the key blocks they see."""
-    block_m, bh = _block_and_head(N, BLOCK_M)
+    """One program: BLOCK_M queries of one diff-head; loops over the key blocks they see (causal: heaviest
+    blocks first)."""
+    block_m, bh = _block_and_head(N, BLOCK_M, CAUSAL)
     start_m = block_m * BLOCK_M
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, 2 * HEAD_DIM)
     row_base = (b * 2 * H + 2 * h) * N
-    q1, q2, do, lse1, lse2, d1, d2, lam, q_ok = _load_query_rows(
+    q1, q2, do, lse1, lse2, d1, d2, lam, offs_m, q_ok = _load_query_rows(
         Q + b * stride_qb + (2 * h) * stride_qh, stride_qh, stride_qn, stride_qd,
         DO + b * stride_ob + h * stride_oh, stride_on, stride_od, LSE, DELTA, row_base,
-        LAM + b * stride_lb + h * stride_lh, stride_ln, offs_m, offs_d, offs_dv, N)
+        LAM + b * stride_lb + h * stride_lh, stride_ln, start_m, offs_d, offs_dv, N, BLOCK_M)
 
     dq1 = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq2 = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -271,16 +296,18 @@ def _bwd_dq_kernel(
     dq1, dq2 = _dq_inner(dq1, dq2, q1, q2, do, lse1, lse2, d1, d2, lam, *common, lo, hi, qk_scale, do_scale,
                          True, CAUSAL, BLOCK_N, DOT_PRECISION)
 
-    dq_base = DQ + b * stride_dqb + (2 * h) * stride_dqh
-    dq_off = offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
-    tl.store(dq_base + dq_off, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
-    tl.store(dq_base + stride_dqh + dq_off, (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
+    rows = tl.arange(0, BLOCK_M)
+    dq_ptrs = (DQ + b * stride_dqb + (2 * h) * stride_dqh + start_m.to(tl.int64) * stride_dqn
+               + (rows[:, None] * stride_dqn + offs_d[None, :] * stride_dqd))
+    tl.store(dq_ptrs, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
+    tl.store(dq_ptrs + stride_dqh, (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
 
 
-_KEY = ["N_BUCKET", "HEAD_DIM", "CAUSAL"]
-_PRUNE = {"early_config_prune": prune_bwd}
-_bwd_dkdv = triton.autotune(configs=bwd_dkdv_configs(), key=_KEY, prune_configs_by=_PRUNE)(_bwd_dkdv_kernel)
-_bwd_dq = triton.autotune(configs=bwd_dq_configs(), key=_KEY, prune_configs_by=_PRUNE)(_bwd_dq_kernel)
+_KEY = ["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL"]
+_bwd_dkdv = triton.autotune(configs=autotune_configs("dkdv"), key=_KEY,
+                            prune_configs_by={"early_config_prune": PRUNE["dkdv"]})(_bwd_dkdv_kernel)
+_bwd_dq = triton.autotune(configs=autotune_configs("dq"), key=_KEY,
+                          prune_configs_by={"early_config_prune": PRUNE["dq"]})(_bwd_dq_kernel)
 
 
 def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal, scale, norm_eps, out_scale,
@@ -291,6 +318,8 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
     """
     B, H2, N, d = q.shape
     H = H2 // 2
+    if not tile_strides_ok(dout):  # an exotic incoming gradient layout: copy it rather than risk int32 offsets
+        dout = dout.contiguous()
     has_norm = norm_weight is not None
     pre_m = pre_block_m(d)
     n_pre = triton.cdiv(N, pre_m)
@@ -298,31 +327,30 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
     do = alloc.empty(B, H, N, 2 * d, dtype=q.dtype, device=q.device) if has_norm else None
     dw_part = alloc.empty(B * H * n_pre, 2 * d, dtype=torch.float32, device=q.device) if has_norm and needs_dw \
         else None
-    _bwd_preprocess_kernel[(n_pre * B * H,)](
-        dout, o_ref, o2, lam_bhn, norm_weight, do, delta, dw_part,
-        *dout.stride(), *o_ref.stride(), *lam_bhn.stride(),
-        H, N, norm_eps, out_scale,
-        HEAD_DIM=d, HAS_NORM=has_norm, NEED_DW=dw_part is not None, BLOCK_M=pre_m,
-    )
+    dlam = alloc.empty(B, H, N, dtype=torch.float32, device=q.device) if needs_dlam else None
     # With the norm, the main kernels read the epilogue's gradient; without it, the incoming gradient itself
     # and apply out_scale (do_scale) inside.
     g, do_scale = (do, 1.0) if has_norm else (dout, out_scale)
-
     dq = alloc.empty_like(q)
     dk = alloc.empty_like(k)
     dv = alloc.empty_like(v)
-    common = dict(HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype))
-    scalars = (H, N, seqlen_bucket(N), scale * LOG2E, scale, do_scale)
-    _bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * B * H,)](
-        q, k, v, g, lse, delta, lam_bhn, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *g.stride(), *lam_bhn.stride(), *dk.stride(), *dv.stride(),
-        *scalars, **common,
-    )
-    _bwd_dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)](
-        q, k, v, g, lse, delta, lam_bhn, dq,
-        *q.stride(), *k.stride(), *v.stride(), *g.stride(), *lam_bhn.stride(), *dq.stride(),
-        *scalars, **common,
-    )
-    dlam = -delta.view(B, H, 2, N)[:, :, 1] if needs_dlam else None
+    kwargs = dict(HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype))
+    scalars = (H, N, seqlen_bucket(N), grid_bucket(B, H, N), scale * LOG2E, scale, do_scale)
+    problem = Problem(d, q.element_size(), causal, N, device_sm(q.device))
+    with device_guard(q.device):
+        _bwd_preprocess_kernel[(n_pre * B * H,)](
+            dout, o_ref, o2, lam_bhn, norm_weight, do, delta, dw_part, dlam,
+            *dout.stride(), *o_ref.stride(), *lam_bhn.stride(), norm_weight.stride(0) if has_norm else 0,
+            H, N, norm_eps, out_scale,
+            HEAD_DIM=d, HAS_NORM=has_norm, NEED_DW=dw_part is not None, NEED_DLAM=needs_dlam, BLOCK_M=pre_m,
+        )
+        launch("dkdv", _bwd_dkdv, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * B * H,), (
+            q, k, v, g, lse, delta, lam_bhn, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *g.stride(), *lam_bhn.stride(), *dk.stride(), *dv.stride(),
+            *scalars), kwargs, problem)
+        launch("dq", _bwd_dq, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * B * H,), (
+            q, k, v, g, lse, delta, lam_bhn, dq,
+            *q.stride(), *k.stride(), *v.stride(), *g.stride(), *lam_bhn.stride(), *dq.stride(),
+            *scalars), kwargs, problem)
     dw = dw_part.sum(0).to(norm_weight.dtype) if dw_part is not None else None
     return dq, dk, dv, dlam, dw

@@ -104,7 +104,7 @@ def compile_fwd(arch, dtype, head_dim, causal, cfg, *, has_norm=True, save_for_b
         "LSE": "*fp32" if save_for_bwd else "constexpr", "O2": p if save_for_bwd else "constexpr",
         "OPRE": p if (save_for_bwd and has_norm) else "constexpr",
     }
-    ints = [a for a in fn.arg_names if a.startswith("stride_")] + ["H", "N", "N_BUCKET"]
+    ints = [a for a in fn.arg_names if a.startswith("stride_")] + ["H", "N", "N_BUCKET", "GRID_BUCKET"]
     sig.update({a: "i32" for a in ints})
     sig.update({"qk_scale": "fp32", "norm_eps": "fp32", "out_scale": "fp32"})
     const = {
@@ -115,7 +115,7 @@ def compile_fwd(arch, dtype, head_dim, causal, cfg, *, has_norm=True, save_for_b
         if sig[name] == "constexpr":
             const[name] = None
     # Strides along the feature dim are 1 in every real call; Triton specialises them, so do the same here.
-    for a in ("stride_qd", "stride_kd", "stride_vd", "stride_od"):
+    for a in ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_w"):
         sig[a] = "constexpr"
         const[a] = 1
     sig.update({k: "constexpr" for k in const if k not in sig})
@@ -127,7 +127,7 @@ def _aligned_strides(fn):
     # Batch/head/row strides of q, k, v, dO and the gradients are multiples of d (>= 16) in every layout a model
     # produces; λ's strides (often 0) and N are not assumed aligned.
     return [a for a in fn.arg_names if a.startswith("stride_") and not a.startswith("stride_l")
-            and not a.endswith("d")]
+            and not a.endswith("d") and a != "stride_w"]
 
 
 def _bwd_signature(fn, dtype, head_dim, causal, cfg, pointers):
@@ -137,9 +137,9 @@ def _bwd_signature(fn, dtype, head_dim, causal, cfg, pointers):
     for a in fn.arg_names:
         if a in pointers:
             sig[a] = pointers[a] if pointers[a].startswith("*") else p
-        elif a.startswith("stride_") and a.endswith("d") and a != "stride_lb":
+        elif (a.startswith("stride_") and a.endswith("d") and a != "stride_lb") or a == "stride_w":
             sig[a], const[a] = "constexpr", 1  # feature-dim strides are 1 in real calls (Triton specialises 1)
-        elif a.startswith("stride_") or a in ("H", "N", "N_BUCKET"):
+        elif a.startswith("stride_") or a in ("H", "N", "N_BUCKET", "GRID_BUCKET"):
             sig[a] = "i32"
         elif a in ("qk_scale", "sm_scale", "do_scale", "norm_eps", "out_scale"):
             sig[a] = "fp32"
@@ -165,11 +165,11 @@ def compile_preprocess(arch, dtype, head_dim, has_norm=True):
     fn = bwd._bwd_preprocess_kernel
     cfg = triton.Config({"BLOCK_M": configs.pre_block_m(head_dim)}, num_warps=4, num_stages=1)
     ptrs = {a: "x" for a in ("DOUT", "OREF", "O2", "DO")}
-    ptrs.update({"LAM": "*fp32", "NORM_W": "*fp32", "DELTA": "*fp32", "DW_PART": "*fp32"})
+    ptrs.update({"LAM": "*fp32", "NORM_W": "*fp32", "DELTA": "*fp32", "DW_PART": "*fp32", "DLAM": "*fp32"})
     sig, const = _bwd_signature(fn, dtype, head_dim, False, cfg, ptrs)
     for a in ("CAUSAL", "DOT_PRECISION"):
         const.pop(a)
-    const.update({"HAS_NORM": has_norm, "NEED_DW": has_norm})
+    const.update({"HAS_NORM": has_norm, "NEED_DW": has_norm, "NEED_DLAM": True})
     if not has_norm:
         for a in ("NORM_W", "DO", "DW_PART"):
             sig[a], const[a] = "constexpr", None
@@ -185,31 +185,34 @@ def _result(kernel, compiled, arch, dtype, head_dim, causal, cfg):
     )
 
 
+def default_configs(kernel, arch, dtype, head_dim, causal, seqlen=4096):
+    """The configs autotuning may pick on `arch` for one problem class (the lists of kernels/configs.py, pruned)."""
+    p = configs.Problem(head_dim, 4 if dtype == "fp32" else 2, causal, seqlen, arch)
+    return [r.config() for r in configs.fitting_rows(kernel, p)]
+
+
 def check_fwd(arch, dtype, head_dim, causal):
     """Compile every default forward config for one problem class; one CompileResult per config."""
-    nbytes = 4 if dtype == "fp32" else 2
     return [
         _result("fwd", compile_fwd(arch, dtype, head_dim, causal, cfg), arch, dtype, head_dim, causal, cfg)
-        for cfg in configs.default_fwd_rows(head_dim, nbytes, causal, arch)
+        for cfg in default_configs("fwd", arch, dtype, head_dim, causal)
     ]
 
 
 def check_fwd_inference(arch, dtype, head_dim, causal):
     """The forward without the norm epilogue and without saving for backward (plain inference)."""
-    nbytes = 4 if dtype == "fp32" else 2
     return [
         _result("fwd_infer", compile_fwd(arch, dtype, head_dim, causal, cfg, has_norm=False, save_for_bwd=False),
                 arch, dtype, head_dim, causal, cfg)
-        for cfg in configs.default_fwd_rows(head_dim, nbytes, causal, arch)
+        for cfg in default_configs("fwd", arch, dtype, head_dim, causal)
     ]
 
 
 def check_bwd(kernel, arch, dtype, head_dim, causal):
     """Compile every default config of the "dkdv" or "dq" backward kernel for one problem class."""
-    nbytes = 4 if dtype == "fp32" else 2
     return [
         _result(kernel, compile_bwd(kernel, arch, dtype, head_dim, causal, cfg), arch, dtype, head_dim, causal, cfg)
-        for cfg in configs.default_bwd_rows(kernel, head_dim, nbytes, causal, arch)
+        for cfg in default_configs(kernel, arch, dtype, head_dim, causal)
     ]
 
 
@@ -218,29 +221,50 @@ def check_preprocess(arch, dtype, head_dim, has_norm=True):
     return _result("bwd_pre", compile_preprocess(arch, dtype, head_dim, has_norm), arch, dtype, head_dim, False, cfg)
 
 
-def collect(archs=(80, 90), dtypes=("fp16", "bf16", "fp32"), head_dims=(64, 128)):
-    """Compile every default config of every kernel for each problem class; a list of CompileResult."""
-    out = []
-    for arch in archs:
-        for dtype in dtypes:
-            for d in head_dims:
-                out.append(check_preprocess(arch, dtype, d, has_norm=False))
-                out.append(check_preprocess(arch, dtype, d, has_norm=True))
-                out += check_fwd_inference(arch, dtype, d, causal=False)
-                for causal in (False, True):
-                    out += check_fwd(arch, dtype, d, causal)
-                    for kernel in ("dkdv", "dq"):
-                        out += check_bwd(kernel, arch, dtype, d, causal)
+ARCHS = (80, 90)
+DTYPES = ("fp16", "bf16", "fp32")
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _collect_class(arch, dtype, d):
+    out = [check_preprocess(arch, dtype, d, has_norm=False), check_preprocess(arch, dtype, d, has_norm=True)]
+    out += check_fwd_inference(arch, dtype, d, causal=False)
+    for causal in (False, True):
+        out += check_fwd(arch, dtype, d, causal)
+        for kernel in ("dkdv", "dq"):
+            out += check_bwd(kernel, arch, dtype, d, causal)
     return out
+
+
+def collect(archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, jobs=1):
+    """Compile every default config of every kernel for each problem class; a list of CompileResult, in a fixed
+    order. `jobs` > 1 compiles problem classes in parallel processes (compilation is CPU-bound)."""
+    classes = [(a, t, d) for a in archs for t in dtypes for d in head_dims]
+    if jobs <= 1:
+        parts = [_collect_class(*c) for c in classes]
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            parts = list(pool.map(_collect_class, *zip(*classes)))
+    return [r for part in parts for r in part]
+
+
+def _ints(text):
+    return tuple(int(x) for x in text.split(","))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the results here instead of printing a table")
+    parser.add_argument("--archs", type=_ints, default=ARCHS, help="comma-separated, e.g. 80,90")
+    parser.add_argument("--dtypes", type=lambda s: tuple(s.split(",")), default=DTYPES, help="e.g. fp16,bf16")
+    parser.add_argument("--head-dims", type=_ints, default=HEAD_DIMS, help="e.g. 64,128")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     args = parser.parse_args(argv)
     if interpreter_enabled():
         raise SystemExit("unset TRITON_INTERPRET: the interpreter's @triton.jit objects cannot be compiled")
-    results = collect()
+    results = collect(args.archs, args.dtypes, args.head_dims, args.jobs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in results], f, indent=1)

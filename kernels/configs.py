@@ -1,12 +1,18 @@
-"""Autotune lists for the differential-attention kernels and the filters that prune them.
+"""Autotune lists for the differential-attention kernels, the filters that prune them, and the launch policy
+(autotuned, fixed, or forced config).
 
 The lists are small on purpose: every entry is compiled ahead of time for sm_80 and sm_90 by the compile test
 (tests/kernels/test_compile.py), which checks shared memory and that ptxas reports no spills. Under Triton's
 interpreter a single config is used (autotuning there would only measure numpy).
+
+Row metadata (head dims, minimum architecture, dtype class) lives in a side table keyed by the block shape, not on
+the `triton.Config` objects: Triton's on-disk autotune cache (TRITON_CACHE_AUTOTUNING=1) serialises
+`config.__dict__` to JSON and rebuilds `Config(**d)`, so a Config must carry nothing but its own fields.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -15,8 +21,10 @@ import triton
 
 from .runtime import interpreter_enabled
 
-_SMALL_D = (16, 32, 64)
 _ALL_D = (16, 32, 64, 128)
+_D64 = (64,)
+_D128 = (128,)
+_SMALL = (16, 32)
 
 
 @dataclass(frozen=True)
@@ -27,86 +35,135 @@ class Row:
     block_n: int
     warps: int
     stages: int
-    head_dims: tuple = _SMALL_D
+    head_dims: tuple = _D64
     min_sm: int = 80  # lowest compute capability (x10) it compiles cleanly for
+    max_sm: int = 1000  # highest (rows that spill on Hopper but not on Ampere)
     fp32: bool = False  # fp32 inputs (ieee dots, twice the operand registers) get their own small rows only
 
+    @property
+    def key(self) -> tuple:
+        return (self.block_m, self.block_n, self.warps, self.stages)
+
     def config(self) -> triton.Config:
-        cfg = triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, num_warps=self.warps,
-                            num_stages=self.stages)
-        cfg.row = self  # travels with the Config for the prune filter (not a kernel argument)
-        return cfg
+        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, num_warps=self.warps,
+                             num_stages=self.stages)
+
+
+def config_key(cfg: triton.Config) -> tuple:
+    """The side table's key of a Config (also of one rebuilt from Triton's JSON autotune cache)."""
+    return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
 
 
 # One forward program holds two fp32 accumulators of BLOCK_M x 2d, i.e. the registers of a plain flash-attention
 # program with a 4d-wide output; d=128 therefore only gets 32/64-row blocks. Every row compiles for sm_80 and
 # sm_90 without spills (checked by tests/kernels/test_compile.py; `python -m kernels.compile_check` prints them).
-_FWD = [
-    Row(128, 32, 8, 2, min_sm=90),  # spills 24 B on sm_80 with Triton 3.6's ptxas: Hopper and newer only
-    Row(64, 64, 8, 2),
-    Row(64, 64, 8, 3),
-    Row(64, 32, 8, 3),
-    Row(32, 64, 4, 2),
-    Row(32, 64, 8, 2, (128,)),
-    Row(32, 32, 8, 3, (128,)),
-    Row(32, 32, 8, 2, (128,)),
-    Row(16, 16, 4, 1, _ALL_D, fp32=True),
-]
-# Backward: the dK/dV program keeps dK1, dK2 (BLOCK_N x d) and dV (BLOCK_N x 2d) in fp32 while it streams query
-# blocks; the dQ program keeps dQ1, dQ2 (BLOCK_M x d). Rows chosen from a ptxas sweep (no spills on sm_80/sm_90).
-_BWD_DKDV = [
-    Row(64, 32, 8, 2),
-    Row(32, 32, 4, 2),
-    Row(64, 16, 4, 2),
-    Row(32, 32, 8, 2, (128,)),
-    Row(16, 16, 8, 1, _ALL_D, fp32=True),
-]
-_BWD_DQ = [
-    Row(64, 64, 8, 2, min_sm=90),  # spills 8-44 B on sm_80 since the dQ loop was split (masked / unmasked)
-    Row(64, 32, 4, 2),
-    Row(32, 64, 4, 2),
-    Row(64, 32, 8, 2, (128,)),
-    Row(32, 64, 8, 2, (128,)),
-    Row(16, 16, 4, 1, _ALL_D, fp32=True),
-]
-
-INTERPRET_FWD = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)
-INTERPRET_BWD = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)
-
-
-def _cfgs(rows):
-    return [r.config() for r in rows]
-
-
-def fwd_configs():
-    return [INTERPRET_FWD] if interpreter_enabled() else _cfgs(_FWD)
-
-
-def bwd_dkdv_configs():
-    return [INTERPRET_BWD] if interpreter_enabled() else _cfgs(_BWD_DKDV)
+# The first fitting row of each list is the fixed config of deterministic mode and DIFF_ATTN_AUTOTUNE=0.
+ROWS = {
+    "fwd": [
+        Row(128, 32, 8, 2, _D64, min_sm=90),  # spills 24 B on sm_80 with Triton 3.6's ptxas: Hopper and newer only
+        Row(64, 64, 8, 2, _D64 + _SMALL),
+        Row(64, 64, 8, 3, _D64 + _SMALL),
+        Row(64, 32, 8, 3, _D64),
+        Row(32, 64, 4, 2, _D64 + _SMALL),
+        Row(64, 32, 4, 2, _SMALL),
+        Row(32, 64, 8, 2, _D128),
+        Row(32, 32, 8, 3, _D128),
+        Row(32, 32, 8, 2, _D128),
+        Row(16, 16, 4, 1, _ALL_D, fp32=True),
+    ],
+    # Backward: the dK/dV program keeps dK1, dK2 (BLOCK_N x d) and dV (BLOCK_N x 2d) in fp32 while it streams
+    # query blocks; the dQ program keeps dQ1, dQ2 (BLOCK_M x d). Rows chosen from a ptxas sweep (no spills on
+    # sm_80/sm_90).
+    "dkdv": [
+        Row(64, 32, 8, 2, _D64),
+        Row(32, 32, 4, 2, _D64),  # spills 24 B at d=32 on sm_90 with Triton 3.6
+        Row(64, 16, 4, 2, _D64),
+        Row(32, 64, 4, 2, _SMALL),
+        Row(32, 16, 4, 2, _SMALL),
+        Row(32, 32, 8, 2, _D128),
+        # fp32 (exact path): ptxas spills 4-60 B with other warp/stage counts on one architecture or the other.
+        Row(16, 16, 8, 1, _ALL_D, min_sm=90, fp32=True),
+        Row(16, 16, 4, 2, _D64 + _D128, max_sm=89, fp32=True),
+        Row(16, 16, 4, 1, _SMALL, max_sm=89, fp32=True),
+    ],
+    "dq": [
+        Row(64, 64, 8, 2, _D64, min_sm=90),  # spills 8-44 B on sm_80 since the dQ loop was split (masked / unmasked)
+        Row(64, 32, 4, 2, _D64 + _SMALL),
+        Row(32, 64, 4, 2, _D64),  # spills 12-36 B at d=32
+        Row(64, 64, 4, 2, _SMALL),
+        Row(32, 32, 4, 2, _SMALL),
+        Row(64, 32, 8, 2, _D128),
+        Row(32, 64, 8, 2, _D128),
+        Row(16, 16, 4, 1, _ALL_D, fp32=True),
+    ],
+}
+KERNELS = tuple(ROWS)
 
 
-def bwd_dq_configs():
-    return [INTERPRET_BWD] if interpreter_enabled() else _cfgs(_BWD_DQ)
+def _side_table():
+    table = {}
+    for kernel, rows in ROWS.items():
+        table[kernel] = {}
+        for row in rows:
+            if row.key in table[kernel]:  # one block shape, one row: merge head dims instead of duplicating it
+                raise RuntimeError(f"duplicate {kernel} row {row.key} in kernels/configs.py")
+            table[kernel][row.key] = row
+    return table
 
 
-def config_fits(cfg: triton.Config, head_dim: int, dtype_bytes: int, causal: bool, seqlen: int, sm: int) -> bool:
-    """Whether a config is legal and worth trying for this problem on architecture sm (e.g. 90)."""
-    row = getattr(cfg, "row", None)
-    if row is None:  # the interpreter's single config
-        return True
-    if head_dim not in row.head_dims or sm < row.min_sm or row.fp32 != (dtype_bytes == 4):
+_ROW_BY_KEY = _side_table()
+
+INTERPRET = {
+    "fwd": triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+    "dkdv": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+    "dq": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+}
+
+
+def row_of(kernel: str, cfg: triton.Config) -> Row | None:
+    """The row a config came from (None for the interpreter's config)."""
+    return _ROW_BY_KEY[kernel].get(config_key(cfg))
+
+
+def autotune_configs(kernel: str) -> list:
+    """The candidates handed to `triton.autotune` for one kernel."""
+    return [INTERPRET[kernel]] if interpreter_enabled() else [r.config() for r in ROWS[kernel]]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a config choice depends on."""
+
+    head_dim: int
+    dtype_bytes: int
+    causal: bool
+    seqlen: int
+    sm: int
+
+
+def row_fits(kernel: str, row: Row, p: Problem) -> bool:
+    """Whether a row is legal and worth trying for this problem."""
+    if p.head_dim not in row.head_dims or not row.min_sm <= p.sm <= row.max_sm or row.fp32 != (p.dtype_bytes == 4):
         return False
-    if causal and row.block_m % row.block_n != 0:  # the forward's causal split must be BLOCK_N-aligned
+    # The forward's causal split must be BLOCK_N-aligned (a static_assert in the kernel says so too); the
+    # backward's loops need no alignment.
+    if kernel == "fwd" and p.causal and row.block_m % row.block_n != 0:
         return False
-    return not (row.block_m > 64 and seqlen <= 64)  # short sequences: a 128-row block would be mostly masked
+    return not (row.block_m > 64 and p.seqlen <= 64)  # short sequences: a 128-row block would be mostly masked
 
 
-def _device_sm(t) -> int:
-    if t.is_cuda:
-        major, minor = torch.cuda.get_device_capability(t.device)
+def fitting_rows(kernel: str, p: Problem) -> list:
+    """The rows autotuning may pick for this problem, in preference order."""
+    return [r for r in ROWS[kernel] if row_fits(kernel, r, p)]
+
+
+def device_sm(device: torch.device) -> int:
+    """Compute capability x10 of `device` (the tensor's own GPU, not the current one); 90 under the interpreter,
+    where configs are not pruned by architecture."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
         return 10 * major + minor
-    return 90  # the interpreter: configs are not pruned by architecture there
+    return 90
 
 
 def autotune_enabled() -> bool:
@@ -115,36 +172,82 @@ def autotune_enabled() -> bool:
     return os.environ.get("DIFF_ATTN_AUTOTUNE", "1").strip() != "0"
 
 
-def _prune(fits):
+def deterministic_enabled() -> bool:
+    """Fixed configs (bitwise reproducible across processes on one card and Triton version): under
+    `torch.use_deterministic_algorithms(True)` or DIFF_ATTN_DETERMINISTIC=1."""
+    env = os.environ.get("DIFF_ATTN_DETERMINISTIC", "0").strip().lower() in ("1", "true", "on", "yes")
+    return env or torch.are_deterministic_algorithms_enabled()
+
+
+_forced: dict = {}
+
+
+@contextlib.contextmanager
+def force_configs(**by_kernel):
+    """Within this block, launch the named kernels ("fwd", "dkdv", "dq") with the given `triton.Config`, bypassing
+    autotuning and pruning (tests over every listed block shape; the benchmark's config sweep)."""
+    unknown = set(by_kernel) - set(KERNELS)
+    if unknown:
+        raise ValueError(f"force_configs: unknown kernel(s) {sorted(unknown)}; expected some of {KERNELS}")
+    previous = dict(_forced)
+    _forced.update(by_kernel)
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(previous)
+
+
+def fixed_config(kernel: str, p: Problem) -> triton.Config:
+    """The config used without autotuning: forced, else the interpreter's, else the first fitting row."""
+    if kernel in _forced:
+        return _forced[kernel]
+    if interpreter_enabled():
+        return INTERPRET[kernel]
+    rows = fitting_rows(kernel, p)
+    if not rows:  # every (head dim, dtype, arch) has rows; reaching this is a bug in the lists
+        raise RuntimeError(f"no {kernel} config fits {p}")
+    return rows[0].config()
+
+
+def launch(kernel: str, autotuned, grid, args, kwargs, p: Problem) -> triton.Config | None:
+    """Launch one kernel by the policy: forced config > fixed config (deterministic mode or DIFF_ATTN_AUTOTUNE=0)
+    > autotuning. Returns the config launched with (the autotuner's choice when it tuned)."""
+    if kernel in _forced or deterministic_enabled() or not autotune_enabled():
+        cfg = fixed_config(kernel, p)
+        autotuned.fn[grid](*args, **kwargs, **cfg.all_kwargs())
+        return cfg
+    autotuned[grid](*args, **kwargs)
+    return autotuned.best_config
+
+
+def _prune(kernel: str):
     def prune(configs, named_args, **kwargs):
-        q = named_args["Q"]
         args = {**named_args, **kwargs}
-        kept = [
-            c for c in configs
-            if fits(c, args["HEAD_DIM"], q.element_size(), bool(args["CAUSAL"]), int(args["N"]), _device_sm(q))
-        ]
-        if not kept:  # every (head dim, dtype, arch) has rows; reaching this is a bug in the lists
-            raise RuntimeError(f"no kernel config fits HEAD_DIM={args['HEAD_DIM']} dtype={q.dtype} "
-                               f"causal={args['CAUSAL']} N={args['N']}")
-        return kept if autotune_enabled() else kept[:1]
+        q = args["Q"]
+        p = Problem(int(args["HEAD_DIM"]), q.element_size(), bool(args["CAUSAL"]), int(args["N"]),
+                    device_sm(q.device))
+        kept = [c for c in configs if (row := row_of(kernel, c)) is None or row_fits(kernel, row, p)]
+        if not kept:
+            raise RuntimeError(f"no {kernel} config fits {p}")
+        return kept
 
     return prune
 
 
-prune_fwd = _prune(config_fits)
-# The backward's loops need no BLOCK_M/BLOCK_N alignment for causal masking.
-prune_bwd = _prune(lambda cfg, d, nbytes, causal, n, sm: config_fits(cfg, d, nbytes, False, n, sm))
+PRUNE = {kernel: _prune(kernel) for kernel in KERNELS}
 
 
-def default_fwd_rows(head_dim: int, dtype_bytes: int, causal: bool, sm: int, seqlen: int = 4096):
-    """The (BLOCK_M, BLOCK_N, warps, stages) rows autotuning may pick for this problem on a GPU."""
-    return [c for c in _cfgs(_FWD) if config_fits(c, head_dim, dtype_bytes, causal, seqlen, sm)]
+def grid_bucket(batch: int, heads: int, seqlen: int) -> int:
+    """Autotune key for the launch size: programs at 64-row blocks, rounded up to a power of two and capped at 4096
+    (about 15 waves of two programs per SM on an H100; past that the best block stops depending on the batch).
+    A first call at B=1 then does not fix the config used at B=256."""
+    return min(4096, triton.next_power_of_2(max(1, batch * heads * triton.cdiv(seqlen, 64))))
 
 
-def default_bwd_rows(kernel: str, head_dim: int, dtype_bytes: int, causal: bool, sm: int, seqlen: int = 4096):
-    """Same for the backward's "dkdv" or "dq" kernel."""
-    rows = _BWD_DKDV if kernel == "dkdv" else _BWD_DQ
-    return [c for c in _cfgs(rows) if config_fits(c, head_dim, dtype_bytes, False, seqlen, sm)]
+def seqlen_bucket(n: int) -> int:
+    """Autotune key for the sequence length: the next power of two (at least 16)."""
+    return max(16, triton.next_power_of_2(n))
 
 
 def pre_block_m(head_dim: int) -> int:

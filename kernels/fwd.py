@@ -16,18 +16,24 @@ import triton
 import triton.language as tl
 
 from . import alloc
-from .configs import fwd_configs, prune_fwd
+from .configs import PRUNE, Problem, autotune_configs, device_sm, grid_bucket, launch, seqlen_bucket
+from .runtime import device_guard
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _block_and_head(N, BLOCK: tl.constexpr):
+def _block_and_head(N, BLOCK: tl.constexpr, HEAVIEST_FIRST: tl.constexpr):
     """1-D grid of cdiv(N, BLOCK)·B·H programs: program p takes row block p % nb of (batch·head) p // nb.
-    Consecutive programs share a head, so its K/V stay in L2, and B·H is not capped by a grid axis limit."""
+    Consecutive programs share a head, so its K/V stay in L2, and B·H is not capped by a grid axis limit.
+    HEAVIEST_FIRST (causal row blocks, whose work grows with the block index) runs a head's last block first,
+    so the light blocks fill the final wave instead of the heavy ones."""
     pid = tl.program_id(0)
     nb = tl.cdiv(N, BLOCK)
-    return pid % nb, pid // nb
+    blk = pid % nb
+    if HEAVIEST_FIRST:
+        blk = nb - 1 - blk
+    return blk, pid // nb
 
 
 @triton.jit
@@ -51,33 +57,36 @@ def _online_softmax_step(acc, m, l, q, k, v, visible, qk_scale, MASKED: tl.const
 def _fwd_inner(
     acc1, acc2, m1, m2, l1, l2,
     q1, q2,
-    k1_base, k2_base, v_base,
-    stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_m, offs_d, offs_dv,
-    lo, hi, N, qk_scale,
+    k1_base, k2_base, v_base, k_tile, v_tile,
+    stride_kn, stride_vn,
+    offs_m, lo, hi, N, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Fold key blocks [lo, hi) into both online-softmax states; K1, K2 and V tiles are each loaded once.
 
     MASKED=False is the hot path: every key in the range exists and is visible to every row of the block, so no
     mask is built. MASKED=True handles the sequence tail and the causal diagonal.
+    Addresses: a 64-bit scalar block start (start_n·stride, which can pass 2^31 on long sequences) plus the
+    int32 in-tile offsets k_tile / v_tile, computed once.
     """
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_off = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        v_off = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        row = tl.cast(start_n, tl.int64)  # a plain int under the interpreter
+        k1_ptrs = k1_base + row * stride_kn + k_tile
+        k2_ptrs = k2_base + row * stride_kn + k_tile
+        v_ptrs = v_base + row * stride_vn + v_tile
         if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
             in_seq = offs_n < N
-            k1 = tl.load(k1_base + k_off, mask=in_seq[:, None], other=0.0)
-            k2 = tl.load(k2_base + k_off, mask=in_seq[:, None], other=0.0)
-            v = tl.load(v_base + v_off, mask=in_seq[:, None], other=0.0)
+            k1 = tl.load(k1_ptrs, mask=in_seq[:, None], other=0.0)
+            k2 = tl.load(k2_ptrs, mask=in_seq[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=in_seq[:, None], other=0.0)
             visible = in_seq[None, :]
             if CAUSAL:
                 visible = visible & (offs_m[:, None] >= offs_n[None, :])
         else:
-            k1 = tl.load(k1_base + k_off)
-            k2 = tl.load(k2_base + k_off)
-            v = tl.load(v_base + v_off)
+            k1 = tl.load(k1_ptrs)
+            k2 = tl.load(k2_ptrs)
+            v = tl.load(v_ptrs)
             visible = 0  # unused when not MASKED
         acc1, m1, l1 = _online_softmax_step(acc1, m1, l1, q1, k1, v, visible, qk_scale, MASKED, DOT_PRECISION)
         acc2, m2, l2 = _online_softmax_step(acc2, m2, l2, q2, k2, v, visible, qk_scale, MASKED, DOT_PRECISION)
@@ -92,25 +101,36 @@ def _diff_attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_lb, stride_lh, stride_ln,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, N, N_BUCKET, qk_scale, norm_eps, out_scale,
+    stride_w,
+    H, N, N_BUCKET, GRID_BUCKET, qk_scale, norm_eps, out_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_NORM: tl.constexpr, SAVE_FOR_BWD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m, bh = _block_and_head(N, BLOCK_M)
+    # The causal split below walks [0, row0) in whole key blocks: row0 must be a multiple of BLOCK_N.
+    tl.static_assert(not CAUSAL or BLOCK_M % BLOCK_N == 0, "causal forward needs BLOCK_M % BLOCK_N == 0")
+    start_m, bh = _block_and_head(N, BLOCK_M, CAUSAL)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
 
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Addresses are a 64-bit scalar base per block (batch, head and first row) plus int32 in-tile offsets;
+    # validate.py bounds the strides so that the in-tile part cannot pass 2^31.
+    row0 = start_m * BLOCK_M
+    row0_64 = row0.to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = row0 + rows
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, 2 * HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_m < N
 
-    q1_base = Q + b * stride_qb + (2 * h) * stride_qh
+    q1_base = Q + b * stride_qb + (2 * h) * stride_qh + row0_64 * stride_qn
     k1_base = K + b * stride_kb + (2 * h) * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    q_off = offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    q1 = tl.load(q1_base + q_off, mask=row_ok[:, None], other=0.0)
-    q2 = tl.load(q1_base + stride_qh + q_off, mask=row_ok[:, None], other=0.0)
+    q_tile = rows[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    k_tile = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_tile = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    q1 = tl.load(q1_base + q_tile, mask=row_ok[:, None], other=0.0)
+    q2 = tl.load(q1_base + stride_qh + q_tile, mask=row_ok[:, None], other=0.0)
 
     m1 = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     m2 = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -122,75 +142,66 @@ def _diff_attn_fwd_kernel(
     # Key blocks below `lo` need no mask; [lo, hi) holds the sequence tail (and, when causal, the diagonal).
     # Causal programs never visit key blocks above their last row: those are skipped, not masked.
     if CAUSAL:
-        lo = start_m * BLOCK_M
-        hi = tl.minimum((start_m + 1) * BLOCK_M, N)
+        lo = row0
+        hi = tl.minimum(row0 + BLOCK_M, N)
     else:
         lo = (N // BLOCK_N) * BLOCK_N
         hi = N
     acc1, acc2, m1, m2, l1, l2 = _fwd_inner(
-        acc1, acc2, m1, m2, l1, l2, q1, q2, k1_base, k1_base + stride_kh, v_base,
-        stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv,
-        0, lo, N, qk_scale, False, CAUSAL, BLOCK_N, DOT_PRECISION,
+        acc1, acc2, m1, m2, l1, l2, q1, q2, k1_base, k1_base + stride_kh, v_base, k_tile, v_tile,
+        stride_kn, stride_vn, offs_m, 0, lo, N, qk_scale, False, CAUSAL, BLOCK_N, DOT_PRECISION,
     )
     acc1, acc2, m1, m2, l1, l2 = _fwd_inner(
-        acc1, acc2, m1, m2, l1, l2, q1, q2, k1_base, k1_base + stride_kh, v_base,
-        stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv,
-        lo, hi, N, qk_scale, True, CAUSAL, BLOCK_N, DOT_PRECISION,
+        acc1, acc2, m1, m2, l1, l2, q1, q2, k1_base, k1_base + stride_kh, v_base, k_tile, v_tile,
+        stride_kn, stride_vn, offs_m, lo, hi, N, qk_scale, True, CAUSAL, BLOCK_N, DOT_PRECISION,
     )
 
     # Epilogue. Ordered so that few (BLOCK_M, 2d) fp32 tiles are live at once: O2 is finished (and saved) first,
-    # then folded into the difference in place. Tile offsets stay int32 on top of 64-bit scalar bases.
+    # then folded into the difference in place.
     # A row whose keys are all masked has l == 0: it outputs 0 instead of 0/0.
     has1 = l1 > 0
     has2 = l2 > 0
-    tile_off = offs_m[:, None] * (2 * HEAD_DIM) + offs_dv[None, :]  # in the contiguous saved (B, H, N, 2d) layout
-    sav_base = ((b * H + h) * N) * (2 * HEAD_DIM)
+    # The saved (B, H, N, 2d) buffers are contiguous.
+    sav_base = ((b * H + h) * N + row0_64) * (2 * HEAD_DIM)
+    sav_tile = rows[:, None] * (2 * HEAD_DIM) + offs_dv[None, :]
     acc2 = acc2 * (1.0 / tl.where(has2, l2, 1.0))[:, None]  # = O2
     if SAVE_FOR_BWD:
-        tl.store(O2 + sav_base + tile_off, acc2.to(O2.dtype.element_ty), mask=row_ok[:, None])
-    lam = tl.load(LAM + b * stride_lb + h * stride_lh + offs_m * stride_ln, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(O2 + sav_base + sav_tile, acc2.to(O2.dtype.element_ty), mask=row_ok[:, None])
+    lam = tl.load(LAM + b * stride_lb + h * stride_lh + row0_64 * stride_ln + rows * stride_ln, mask=row_ok,
+                  other=0.0).to(tl.float32)
     # o = O1 − λ·O2 in fp32, before any down-cast
     acc1 = acc1 * (1.0 / tl.where(has1, l1, 1.0))[:, None] - lam[:, None] * acc2
 
-    out_ptrs = OUT + b * stride_ob + h * stride_oh + (offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od)
+    out_ptrs = (OUT + b * stride_ob + h * stride_oh + row0_64 * stride_on
+                + (rows[:, None] * stride_on + offs_dv[None, :] * stride_od))
     if HAS_NORM:
         if SAVE_FOR_BWD:
-            tl.store(OPRE + sav_base + tile_off, acc1.to(OPRE.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(OPRE + sav_base + sav_tile, acc1.to(OPRE.dtype.element_ty), mask=row_ok[:, None])
         rstd = tl.math.rsqrt(tl.sum(acc1 * acc1, 1) / (2 * HEAD_DIM) + norm_eps)
-        w = tl.load(NORM_W + offs_dv).to(tl.float32)
+        w = tl.load(NORM_W + offs_dv * stride_w).to(tl.float32)
         acc1 = acc1 * rstd[:, None] * (w * out_scale)[None, :]
     else:
         acc1 = acc1 * out_scale
     tl.store(out_ptrs, acc1.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
     if SAVE_FOR_BWD:
-        # Per-row natural-log LSEs of both maps in (B, 2H, N), indexed like the query heads. Rows without keys
-        # get +inf so that the backward's exp(s - lse) is 0 there.
-        LN2: tl.constexpr = 0.6931471805599453
-        lse1 = tl.where(has1, (m1 + tl.math.log2(tl.where(has1, l1, 1.0))) * LN2, float("inf"))
-        lse2 = tl.where(has2, (m2 + tl.math.log2(tl.where(has2, l2, 1.0))) * LN2, float("inf"))
-        lse_base = LSE + (b * 2 * H + 2 * h) * N
-        tl.store(lse_base + offs_m, lse1, mask=row_ok)
-        tl.store(lse_base + N + offs_m, lse2, mask=row_ok)
+        # Per-row log-sum-exps of both maps in the log2 domain of the scaled scores (m + log2 l), (B, 2H, N) indexed
+        # like the query heads: the backward's exp2(s·log2e − lse) needs no conversion. Rows without keys get +inf
+        # so that the backward's probabilities are 0 there.
+        lse1 = tl.where(has1, m1 + tl.math.log2(tl.where(has1, l1, 1.0)), float("inf"))
+        lse2 = tl.where(has2, m2 + tl.math.log2(tl.where(has2, l2, 1.0)), float("inf"))
+        lse_base = LSE + (b * 2 * H + 2 * h) * N + row0_64
+        tl.store(lse_base + rows, lse1, mask=row_ok)
+        tl.store(lse_base + N + rows, lse2, mask=row_ok)
 
 
+# HAS_NORM and SAVE_FOR_BWD are passed explicitly (not derived by @triton.heuristics): the autotuner reads its
+# key before heuristics run, so derived flags would be missing from the key.
 _diff_attn_fwd = triton.autotune(
-    configs=fwd_configs(),
-    key=["N_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_NORM", "SAVE_FOR_BWD"],
-    prune_configs_by={"early_config_prune": prune_fwd},
-)(
-    triton.heuristics(
-        {
-            "HAS_NORM": lambda a: a["NORM_W"] is not None,
-            "SAVE_FOR_BWD": lambda a: a["O2"] is not None,
-        }
-    )(_diff_attn_fwd_kernel)
-)
-
-
-def seqlen_bucket(n: int) -> int:
-    """Autotune key for the sequence length: the next power of two (at least 16)."""
-    return max(16, triton.next_power_of_2(n))
+    configs=autotune_configs("fwd"),
+    key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_NORM", "SAVE_FOR_BWD"],
+    prune_configs_by={"early_config_prune": PRUNE["fwd"]},
+)(_diff_attn_fwd_kernel)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -203,8 +214,9 @@ def diff_attn_fwd(q, k, v, lam_bhn, norm_weight, *, causal, scale, norm_eps, out
 
     Returns ``(out, lse, o2, o_pre)``. `out` is (B, H, N, 2d), a transposed view of a (B, N, H, 2d) buffer so that
     the model's ``out.transpose(1, 2).reshape(B, N, H * 2d)`` is free. The others are None unless
-    `save_for_bwd`: lse (B, 2H, N) fp32; o2 (B, H, N, 2d) the second map's output; o_pre the pre-norm difference
-    (only with the norm epilogue; otherwise `out` itself is the pre-norm difference).
+    `save_for_bwd`: lse (B, 2H, N) fp32, log2 domain of the scaled scores; o2 (B, H, N, 2d) the second map's
+    output; o_pre the pre-norm difference (only with the norm epilogue; otherwise `out` itself is the pre-norm
+    difference).
     """
     B, H2, N, d = q.shape
     H = H2 // 2
@@ -219,12 +231,15 @@ def diff_attn_fwd(q, k, v, lam_bhn, norm_weight, *, causal, scale, norm_eps, out
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
 
-    _diff_attn_fwd[grid](
+    args = (
         q, k, v, lam_bhn, norm_weight, out, lse, o2, o_pre,
         *q.stride(), *k.stride(), *v.stride(), *lam_bhn.stride(), *out.stride(),
-        H, N, seqlen_bucket(N), scale * LOG2E, norm_eps, out_scale,
-        HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
+        norm_weight.stride(0) if norm_weight is not None else 0,
+        H, N, seqlen_bucket(N), grid_bucket(B, H, N), scale * LOG2E, norm_eps, out_scale,
     )
+    kwargs = dict(HEAD_DIM=d, CAUSAL=causal, HAS_NORM=norm_weight is not None, SAVE_FOR_BWD=save_for_bwd,
+                  DOT_PRECISION=dot_precision(q.dtype))
+    problem = Problem(d, q.element_size(), causal, N, device_sm(q.device))
+    with device_guard(q.device):
+        launch("fwd", _diff_attn_fwd, grid, args, kwargs, problem)
     return out, lse, o2, o_pre
-
-

@@ -5,6 +5,7 @@ Kept free of a top-level `import triton` so that `import kernels` works on machi
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -43,3 +44,11 @@ def require_triton(device: torch.device) -> None:
     reason = triton_unavailable_reason(device)
     if reason is not None:
         raise RuntimeError(reason)
+
+
+def device_guard(device: torch.device):
+    """Make `device` current for a launch: Triton launches (and autotunes) on the *current* CUDA device, whatever
+    device the tensors are on, so tensors on cuda:1 with cuda:0 current would otherwise run on the wrong GPU."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

@@ -14,6 +14,16 @@ import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+# The kernels address a tile as a 64-bit scalar base (batch, head, first row) plus 32-bit in-tile offsets
+# (row·stride_n + col·stride_d, rows < 128, cols < 256). Strides along N and d up to 2^22 elements keep those offsets
+# below 2^31 (382·2^22 < 2^31); sequences of any length are fine. Larger strides are refused, not wrapped.
+MAX_TILE_STRIDE = 2**22
+
+
+def tile_strides_ok(x: torch.Tensor) -> bool:
+    """Whether a (B, heads, N, width) tensor's strides along N and the feature dim fit the kernels' 32-bit
+    in-tile offsets (see MAX_TILE_STRIDE)."""
+    return x.stride(2) <= MAX_TILE_STRIDE and x.stride(3) <= MAX_TILE_STRIDE
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,12 @@ def check_diff_attn_args(q, k, v, lam, *, causal, scale, norm_weight, norm_eps, 
             raise TypeError(f"q, k, v dtype must be one of float16, bfloat16, float32 for the kernel, got {q.dtype}")
         if d not in KERNEL_HEAD_DIMS:
             raise ValueError(f"head dim d (q.shape[-1]) must be one of {KERNEL_HEAD_DIMS} for the kernel, got {d}")
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if not tile_strides_ok(x):
+                raise ValueError(
+                    f"{name} has strides {tuple(x.stride())}: the kernel needs strides along N and d of at most "
+                    f"2^22 = {MAX_TILE_STRIDE} elements (its in-tile offsets are 32-bit); pass {name}.contiguous()"
+                )
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = d**-0.5 if scale is None else _finite_float("scale", scale, positive=True)

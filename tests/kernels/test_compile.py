@@ -1,6 +1,7 @@
 """GPU compile check, on any machine: every default config of every kernel is compiled ahead of time for sm_80
-and sm_90 (fp16, bf16 and fp32; d = 64 and 128; causal and not). Shared memory must fit the architecture and
-ptxas must report no spill stores. Triton's interpreter accepts code that this step rejects, so keep it green.
+and sm_90 (fp16, bf16 and fp32; d = 16, 32, 64 and 128; causal and not). Shared memory must fit the architecture
+and ptxas must report no spill stores or loads. Triton's interpreter accepts code that this step rejects, so keep
+it green.
 
 The compilation runs once, in a subprocess without TRITON_INTERPRET (the interpreter's @triton.jit objects cannot
 be compiled), through `python -m kernels.compile_check --json`. Select with `pytest -k compile`.
@@ -19,7 +20,7 @@ from kernels.compile_check import SMEM_LIMIT  # noqa: E402
 
 ARCHS = [80, 90]
 DTYPES = ["fp16", "bf16", "fp32"]  # fp32: the ieee-dot correctness path, one small config per kernel
-HEAD_DIMS = [64, 128]
+HEAD_DIMS = [16, 32, 64, 128]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -40,7 +41,8 @@ def _check(results, kernel, arch, dtype, d, causal=None):
     for r in rows:
         where = f"{kernel} sm_{arch} {dtype} d={d} causal={r['causal']} [{r['config']}]"
         assert r["shared"] <= SMEM_LIMIT[arch], f"{where}: {r['shared']} B shared memory > {SMEM_LIMIT[arch]}"
-        assert r["spill_stores"] == 0, f"{where}: {r['spill_stores']} B spill stores ({r['registers']} registers)"
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (
+            f"{where}: {r['spill_stores']}/{r['spill_loads']} B spill stores/loads ({r['registers']} registers)")
 
 
 _grid = pytest.mark.parametrize("arch,dtype,d", [

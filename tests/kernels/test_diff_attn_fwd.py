@@ -5,6 +5,7 @@ The grid is a covering design, not a full product: every N x d x causal x dtype 
 """
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -73,7 +74,8 @@ def test_output_is_view_of_token_major_buffer(poison):
 
 
 def test_lse_and_o2_saved_for_backward(poison):
-    """The forward's saved state: per-row LSE of both maps (natural log) and O2, checked directly."""
+    """The forward's saved state: per-row LSE of both maps (log2 domain: lse = log2(Σ exp(s)) = logsumexp(s)·log2 e)
+    and O2, checked directly."""
     from kernels.fwd import diff_attn_fwd
 
     B, H, N, d = 1, 2, 77, 32
@@ -84,7 +86,7 @@ def test_lse_and_o2_saved_for_backward(poison):
     assert o_pre is None
     s = (q.double() @ k.double().transpose(-1, -2)) * d**-0.5
     s = s.masked_fill(~torch.ones(N, N, dtype=torch.bool, device=DEVICE).tril(), float("-inf"))
-    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1) / math.log(2), atol=1e-5, rtol=1e-5)
     o2_ref = torch.softmax(s, -1).view(B, H, 2, N, N)[:, :, 1] @ v.double()
     assert_close(o2, o2_ref, torch.float32, FWD, "o2")
 

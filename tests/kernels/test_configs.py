@@ -1,0 +1,186 @@
+"""The autotune lists and the launch policy: configs survive Triton's on-disk autotune cache, the autotune keys hold
+every flag and the launch size, deterministic mode and forced configs bypass autotuning, launches go to q's GPU."""
+
+import json
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from kernels import bwd, configs, fwd  # noqa: E402
+from kernels.runtime import device_guard  # noqa: E402
+
+AUTOTUNED = {"fwd": fwd._diff_attn_fwd, "dkdv": bwd._bwd_dkdv, "dq": bwd._bwd_dq}
+
+
+@pytest.mark.parametrize("kernel", configs.KERNELS)
+def test_every_config_survives_the_autotune_disk_cache(kernel):
+    """TRITON_CACHE_AUTOTUNING=1 writes json.dumps(config.__dict__) and rebuilds Config(**d): a config must carry
+    only Config fields, and the rebuilt one must map back to the same row."""
+    for row in configs.ROWS[kernel]:
+        cfg = row.config()
+        rebuilt = triton.Config(**json.loads(json.dumps(cfg.__dict__)))
+        assert rebuilt.all_kwargs() == cfg.all_kwargs()
+        assert configs.row_of(kernel, rebuilt) is row
+    interp = configs.INTERPRET[kernel]
+    assert triton.Config(**json.loads(json.dumps(interp.__dict__))).all_kwargs() == interp.all_kwargs()
+
+
+@pytest.mark.parametrize("kernel", configs.KERNELS)
+def test_autotune_key_names_are_kernel_arguments(kernel):
+    """Triton silently drops key names that are not call arguments (e.g. flags set by @triton.heuristics)."""
+    tuner = AUTOTUNED[kernel]
+    assert set(tuner.keys) <= set(tuner.arg_names), set(tuner.keys) - set(tuner.arg_names)
+    assert {"N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL"} <= set(tuner.keys)
+    if kernel == "fwd":
+        assert {"HAS_NORM", "SAVE_FOR_BWD"} <= set(tuner.keys)
+
+
+def test_grid_bucket_separates_small_and_large_batches():
+    assert configs.grid_bucket(1, 6, 197) != configs.grid_bucket(256, 6, 197)
+    assert configs.grid_bucket(1, 1, 1) == 1
+    assert configs.grid_bucket(4096, 16, 4096) == 4096  # capped
+
+
+def test_every_kernel_has_a_row_for_every_problem_class():
+    for kernel in configs.KERNELS:
+        for d in (16, 32, 64, 128):
+            for nbytes in (2, 4):
+                for sm in (80, 90):
+                    for causal in (False, True):
+                        p = configs.Problem(d, nbytes, causal, 197, sm)
+                        assert configs.fitting_rows(kernel, p), p
+
+
+def test_autotuning_times_at_most_five_candidates_per_kernel():
+    """The README promises a first call times at most 5 configs per kernel."""
+    counts = [len(configs.fitting_rows(k, configs.Problem(d, b, c, 4096, sm))) for k in configs.KERNELS
+              for d in (16, 32, 64, 128) for b in (2, 4) for c in (False, True) for sm in (80, 90)]
+    assert max(counts) <= 5
+
+
+def test_causal_forward_rows_are_block_aligned():
+    p = configs.Problem(64, 2, True, 4096, 90)
+    for row in configs.fitting_rows("fwd", p):
+        assert row.block_m % row.block_n == 0, row
+
+
+class _FakeTuner:
+    """Records how `configs.launch` launched: through the autotuner or straight to the jit function."""
+
+    def __init__(self):
+        self.calls = []
+        self.best_config = "tuned"
+        outer = self
+
+        class _Fn:
+            def __getitem__(self, grid):
+                return lambda *a, **kw: outer.calls.append(("fixed", kw))
+
+        self.fn = _Fn()
+
+    def __getitem__(self, grid):
+        return lambda *a, **kw: self.calls.append(("autotuned", kw))
+
+
+_P = configs.Problem(64, 2, False, 197, 90)
+
+
+@pytest.fixture
+def autotuning_on(monkeypatch):
+    monkeypatch.setenv("DIFF_ATTN_AUTOTUNE", "1")
+    monkeypatch.delenv("DIFF_ATTN_DETERMINISTIC", raising=False)
+    monkeypatch.setattr(configs, "interpreter_enabled", lambda: False)
+
+
+def test_launch_autotunes_by_default(autotuning_on):
+    tuner = _FakeTuner()
+    assert configs.launch("fwd", tuner, None, (), {}, _P) == "tuned"
+    assert tuner.calls == [("autotuned", {})]
+
+
+@pytest.mark.parametrize("how", ["torch", "env", "no-autotune"])
+def test_deterministic_mode_uses_the_first_fitting_row(autotuning_on, monkeypatch, how):
+    if how == "torch":
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    elif how == "env":
+        monkeypatch.setenv("DIFF_ATTN_DETERMINISTIC", "1")
+    else:
+        monkeypatch.setenv("DIFF_ATTN_AUTOTUNE", "0")
+    tuner = _FakeTuner()
+    cfg = configs.launch("fwd", tuner, None, (), {}, _P)
+    want = configs.fitting_rows("fwd", _P)[0].config()
+    assert cfg.all_kwargs() == want.all_kwargs()
+    assert tuner.calls == [("fixed", want.all_kwargs())]
+
+
+def test_forced_config_wins_and_is_restored(autotuning_on):
+    forced = configs.ROWS["dq"][-1].config()
+    tuner = _FakeTuner()
+    with configs.force_configs(dq=forced):
+        assert configs.launch("dq", tuner, None, (), {}, _P) is forced
+    assert configs.launch("dq", tuner, None, (), {}, _P) == "tuned"
+    assert [c[0] for c in tuner.calls] == ["fixed", "autotuned"]
+
+
+def test_force_configs_rejects_unknown_kernels():
+    with pytest.raises(ValueError, match="unknown kernel"):
+        with configs.force_configs(bwd=configs.INTERPRET["dq"]):
+            pass
+
+
+def test_device_guard_targets_the_tensors_device():
+    guard = device_guard(torch.device("cuda", 1))  # built, not entered: no GPU needed
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    with device_guard(torch.device("cpu")):
+        pass
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launch_on_second_gpu_while_first_is_current():
+    from cases import make_qkv
+
+    from kernels import diff_attn, diff_attn_reference
+
+    torch.cuda.set_device(0)
+    q, k, v = make_qkv(2, 3, 197, 64, torch.float16, "cuda:1", requires_grad=True)
+    out = diff_attn(q, k, v, 0.5, causal=True)
+    ref = diff_attn_reference(q.float(), k.float(), v.float(), 0.5, causal=True)
+    assert out.device == torch.device("cuda", 1)
+    assert (out.float() - ref).abs().max().item() < 2e-2
+    out.sum().backward()
+    assert q.grad.device == torch.device("cuda", 1) and torch.isfinite(q.grad).all()
+
+
+_CACHE_SCRIPT = """
+import torch
+from kernels import diff_attn
+q = torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+k = torch.randn_like(q, requires_grad=True)
+v = torch.randn(2, 2, 300, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+w = torch.ones(128, device="cuda", requires_grad=True)
+diff_attn(q, k, v, 0.5, causal=True, norm_weight=w).sum().backward()
+torch.cuda.synchronize()
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning (and its disk cache) runs on CUDA only")
+def test_autotuning_with_the_disk_cache(tmp_path):
+    """TRITON_CACHE_AUTOTUNING=1: the first process writes the cache, the second reads it back."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_CACHE_AUTOTUNING="1", DIFF_ATTN_AUTOTUNE="1", TRITON_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=root)
+    env.pop("DIFF_ATTN_DETERMINISTIC", None)
+    for attempt in ("write", "read"):
+        proc = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0 and "ok" in proc.stdout, f"{attempt}: {proc.stderr[-3000:]}"
+    assert list(tmp_path.rglob("*.autotune.json")), "no autotune cache file written"
