@@ -45,22 +45,39 @@ def diff_attn(
         ``o·rsqrt(mean(o²) + norm_eps)·norm_weight`` when `norm_weight` is given, times `out_scale`. The result is
         a transposed view of a (B, N, H, 2d) buffer, so ``out.transpose(1, 2).reshape(B, N, H * 2 * d)`` is free.
 
-    Differentiable in q, k, v, λ (tensor) and norm_weight.
+    Differentiable in q, k, v, λ (tensor) and norm_weight. Under ``torch.autocast`` q, k and v are cast to the
+    autocast dtype. Works under ``torch.compile(fullgraph=True)`` (a `torch.library` op, see `kernels/ops.py`).
 
     Raises:
         TypeError / ValueError: bad arguments (named in the message).
         RuntimeError: Triton missing, or tensors on a device the kernel cannot run on (CPU needs
             ``TRITON_INTERPRET=1``; or use ``kernels.diff_attn_reference``).
     """
+    q, k, v = _autocast(q, k, v)
     args = check_diff_attn_args(
         q, k, v, lam, causal=causal, scale=scale, norm_weight=norm_weight, norm_eps=norm_eps,
         out_scale=out_scale, for_kernel=True,
     )
     require_triton(q.device)
-    if args.batch == 0 or args.seqlen == 0:
-        return v.clone()  # (B, H, N, 2d) with a zero-sized dim: nothing to compute
-    from .ops import DiffAttnFunction
+    if args.batch == 0 or args.seqlen == 0:  # (B, H, N, 2d) with a zero-sized dim: nothing to compute
+        return v.new_empty(v.shape)
+    from . import ops  # noqa: F401  (registers the torch.ops.diffattn ops; imports Triton)
 
-    return DiffAttnFunction.apply(
-        q, k, v, args.lam, norm_weight, causal, args.scale, float(norm_eps), float(out_scale), torch.is_grad_enabled()
-    )
+    call = (q, k, v, args.lam, norm_weight, causal, args.scale, float(norm_eps), float(out_scale))
+    leaves = (q, k, v, args.lam) + ((norm_weight,) if norm_weight is not None else ())
+    if torch.is_grad_enabled() and any(t.requires_grad for t in leaves):
+        return torch.ops.diffattn.diff_attn(*call)[0]
+    # No gradient: the forward writes no backward state (also for trainable weights under torch.no_grad()).
+    return torch.ops.diffattn.diff_attn_inference(*call)
+
+
+def _autocast(q, k, v):
+    """Under torch.autocast, q/k/v compute in the autocast dtype (fp16/bf16), as SDPA does; λ and the norm weight
+    are read in fp32 regardless."""
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return q, k, v  # check_diff_attn_args names the culprit
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v = (t.to(dtype) if t.is_floating_point() else t for t in (q, k, v))
+    return q, k, v

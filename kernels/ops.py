@@ -1,36 +1,117 @@
-"""`torch.autograd.Function` binding the forward and backward kernels."""
+"""The `diffattn` PyTorch ops (torch.library): forward, inference-only forward and backward, with fake (meta)
+implementations and the autograd formula registered on the forward op.
 
-from __future__ import annotations
+    torch.ops.diffattn.diff_attn(q, k, v, lam, norm_weight, causal, scale, norm_eps, out_scale)
+        -> (out, lse, o2, o_pre)        # out first; the rest is the state the backward needs
+    torch.ops.diffattn.diff_attn_inference(...same...) -> out     # no saved state written
+    torch.ops.diffattn.diff_attn_backward(dout, q, k, v, lam, norm_weight, o_ref, o2, lse, causal, scale,
+                                          norm_eps, out_scale, needs_dlam, needs_dw) -> (dq, dk, dv, dlam, dw)
+
+`lam` is a floating tensor broadcastable to (B, H, N) (the public wrapper `kernels.diff_attn` turns numbers, 0-d and
+(H,) lambdas into one); its gradient comes back in its own shape. Arguments are not validated here: call
+`kernels.diff_attn`, which validates, applies autocast and picks the inference op when no gradient is needed.
+
+Why `custom_op` rather than `triton_op` + `wrap_triton`: every launch goes through our own policy in Python
+(kernels/configs.py: autotuned, fixed or forced configs, pruned through a side table, under a device guard), which
+wrap_triton would have Inductor trace and re-implement. A custom op stays one opaque node: Dynamo and AOTAutograd
+see its fake implementation, Inductor calls it as an extern kernel, and CUDA graphs capture its launches once the
+autotuner has warmed up (no host synchronisation in forward or backward).
+"""
+
+# No `from __future__ import annotations`: custom_op reads the schema from the annotations at runtime.
+from typing import Optional
 
 import torch
+from torch import Tensor
 
+from .bwd import diff_attn_bwd
 from .fwd import diff_attn_fwd
 
 
-class DiffAttnFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, lam_bhn, norm_weight, causal, scale, norm_eps, out_scale, grad_enabled):
-        # ctx.needs_input_grad reflects requires_grad even under torch.no_grad(), hence the caller's grad mode:
-        # inference with trainable parameters (a model's norm weight) writes nothing for the backward.
-        needs_grad = grad_enabled and any(ctx.needs_input_grad[:5])
-        out, lse, o2, o_pre = diff_attn_fwd(
-            q, k, v, lam_bhn, norm_weight, causal=causal, scale=scale, norm_eps=norm_eps, out_scale=out_scale,
-            save_for_bwd=needs_grad,
-        )
-        if needs_grad:
-            # Saved state is O(N·d): inputs, the output (or pre-norm difference), O2 and two LSE rows.
-            ctx.save_for_backward(q, k, v, lam_bhn, norm_weight, out if o_pre is None else o_pre, o2, lse)
-            ctx.causal, ctx.scale, ctx.norm_eps, ctx.out_scale = causal, scale, norm_eps, out_scale
-        return out
+def _lam_bhn(lam: Tensor, q: Tensor) -> Tensor:
+    B, H2, N, _ = q.shape
+    return torch.broadcast_to(lam, (B, H2 // 2, N))  # a view: stride 0 where λ broadcasts
 
-    @staticmethod
-    def backward(ctx, dout):
-        from .bwd import diff_attn_bwd
 
-        q, k, v, lam_bhn, norm_weight, o_pre, o2, lse = ctx.saved_tensors
-        dq, dk, dv, dlam, dw = diff_attn_bwd(
-            dout, q, k, v, lam_bhn, norm_weight, o_pre, o2, lse,
-            causal=ctx.causal, scale=ctx.scale, norm_eps=ctx.norm_eps, out_scale=ctx.out_scale,
-            needs_dlam=ctx.needs_input_grad[3], needs_dw=ctx.needs_input_grad[4],
-        )
-        return dq, dk, dv, dlam, dw, None, None, None, None, None
+def _forward(q, k, v, lam, norm_weight, causal, scale, norm_eps, out_scale, save):
+    return diff_attn_fwd(q, k, v, _lam_bhn(lam, q), norm_weight, causal=causal, scale=scale, norm_eps=norm_eps,
+                         out_scale=out_scale, save_for_bwd=save)
+
+
+def _fake_out(q: Tensor) -> Tensor:
+    B, H2, N, d = q.shape
+    return q.new_empty(B, N, H2 // 2, 2 * d).transpose(1, 2)  # the kernel's layout: a view of (B, N, H, 2d)
+
+
+@torch.library.custom_op("diffattn::diff_attn", mutates_args=())
+def diff_attn_op(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, norm_weight: Optional[Tensor], causal: bool,
+                 scale: float, norm_eps: float, out_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Forward that also returns what the backward needs: (out, lse, o2, o_pre); o_pre is empty without the norm
+    (the backward then uses out itself)."""
+    out, lse, o2, o_pre = _forward(q, k, v, lam, norm_weight, causal, scale, norm_eps, out_scale, True)
+    return out, lse, o2, o_pre if o_pre is not None else q.new_empty(0)
+
+
+@diff_attn_op.register_fake
+def _diff_attn_fake(q, k, v, lam, norm_weight, causal, scale, norm_eps, out_scale):
+    B, H2, N, d = q.shape
+    lse = q.new_empty(B, H2, N, dtype=torch.float32)
+    o2 = q.new_empty(B, H2 // 2, N, 2 * d)
+    o_pre = q.new_empty(B, H2 // 2, N, 2 * d) if norm_weight is not None else q.new_empty(0)
+    return _fake_out(q), lse, o2, o_pre
+
+
+@torch.library.custom_op("diffattn::diff_attn_inference", mutates_args=())
+def diff_attn_inference_op(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, norm_weight: Optional[Tensor],
+                           causal: bool, scale: float, norm_eps: float, out_scale: float) -> Tensor:
+    """Forward without saved state (no gradient needed): writes the output only."""
+    return _forward(q, k, v, lam, norm_weight, causal, scale, norm_eps, out_scale, False)[0]
+
+
+@diff_attn_inference_op.register_fake
+def _diff_attn_inference_fake(q, k, v, lam, norm_weight, causal, scale, norm_eps, out_scale):
+    return _fake_out(q)
+
+
+@torch.library.custom_op("diffattn::diff_attn_backward", mutates_args=())
+def diff_attn_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor, norm_weight: Optional[Tensor],
+                          o_ref: Tensor, o2: Tensor, lse: Tensor, causal: bool, scale: float, norm_eps: float,
+                          out_scale: float, needs_dlam: bool, needs_dw: bool
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dlam, dw): dlam in λ's shape and dtype, dw in the norm weight's; each empty when not needed."""
+    dq, dk, dv, dlam, dw = diff_attn_bwd(
+        dout, q, k, v, _lam_bhn(lam, q), norm_weight, o_ref, o2, lse, causal=causal, scale=scale,
+        norm_eps=norm_eps, out_scale=out_scale, needs_dlam=needs_dlam, needs_dw=needs_dw and norm_weight is not None,
+    )
+    dlam = dlam.sum_to_size(lam.shape).to(lam.dtype) if dlam is not None else lam.new_empty(0)
+    dw = dw if dw is not None else q.new_empty(0, dtype=torch.float32)
+    return dq, dk, dv, dlam, dw
+
+
+@diff_attn_backward_op.register_fake
+def _diff_attn_backward_fake(dout, q, k, v, lam, norm_weight, o_ref, o2, lse, causal, scale, norm_eps, out_scale,
+                             needs_dlam, needs_dw):
+    dlam = torch.empty_like(lam, memory_format=torch.contiguous_format) if needs_dlam else lam.new_empty(0)
+    dw = (torch.empty_like(norm_weight, memory_format=torch.contiguous_format)
+          if needs_dw and norm_weight is not None else q.new_empty(0, dtype=torch.float32))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dlam, dw
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, lam, norm_weight, causal, scale, norm_eps, out_scale = inputs
+    out, lse, o2, o_pre = output
+    # Saved state is O(N·d): inputs, the output (or the pre-norm difference), O2 and two LSE rows.
+    ctx.save_for_backward(q, k, v, lam, norm_weight, out if norm_weight is None else o_pre, o2, lse)
+    ctx.args = (causal, scale, norm_eps, out_scale)
+    ctx.mark_non_differentiable(lse, o2, o_pre)
+
+
+def _backward(ctx, dout, _dlse, _do2, _dopre):
+    q, k, v, lam, norm_weight, o_ref, o2, lse = ctx.saved_tensors
+    needs_dlam, needs_dw = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+    dq, dk, dv, dlam, dw = torch.ops.diffattn.diff_attn_backward(
+        dout, q, k, v, lam, norm_weight, o_ref, o2, lse, *ctx.args, needs_dlam, needs_dw)
+    return dq, dk, dv, dlam if needs_dlam else None, dw if needs_dw else None, None, None, None, None
+
+
+diff_attn_op.register_autograd(_backward, setup_context=_setup_context)

@@ -28,15 +28,15 @@ def tile_strides_ok(x: torch.Tensor) -> bool:
 
 @dataclass(frozen=True)
 class DiffAttnArgs:
-    """Normalised arguments: sizes, the scale as a float, and λ as a (B, H, N) view (stride 0 where it broadcasts)."""
+    """Normalised arguments: sizes, the scale as a float, and λ as a 3-d tensor broadcastable to (B, H, N)."""
 
     batch: int
     heads: int  # diff-heads H; q and k carry 2H heads
     seqlen: int
     head_dim: int
     scale: float
-    # (B, H, N), fp32 (fp64 for fp64 inputs), an expand()ed view of the caller's λ: no copy, and autograd reduces
-    # its gradient back to λ's own shape (0-d, (H,), (B, H, N)) through the expand.
+    # 3-d, fp32 (fp64 for fp64 inputs), a reshaped view of the caller's λ ((1, 1, 1) for a number or a 0-d λ,
+    # (1, H, 1) per head, ...): autograd reduces its gradient back to λ's own shape through the reshape.
     lam: torch.Tensor
 
 
@@ -50,21 +50,26 @@ def _finite_float(name: str, x, *, positive: bool = False) -> float:
     if isinstance(x, bool) or not isinstance(x, Real):
         raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
     x = float(x)
-    if not math.isfinite(x):
+    # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) a float argument is symbolic, and a
+    # comparison becomes a guard where math.isfinite would break the graph. NaN fails both comparisons.
+    if not -math.inf < x < math.inf:
         raise ValueError(f"{name} must be finite, got {x}")
     if positive and x <= 0:
         raise ValueError(f"{name} must be > 0, got {x}")
     return x
 
 
-def _lam_to_bhn(lam, B: int, H: int, N: int, dtype: torch.dtype, device: torch.device):
-    """λ as a (B, H, N) tensor of `dtype` on `device`.
+def _lam_to_3d(lam, B: int, H: int, N: int, dtype: torch.dtype, device: torch.device):
+    """λ as a 3-d tensor of `dtype` on `device` that broadcasts to (B, H, N).
 
     Accepted: a Python number; a 0-d tensor (one λ per layer, DiffCLIP); an (H,) tensor (per head); a (B, H, N)
     tensor (per query token, Diff-Transformer V2); and, generally, any 2-d/3-d tensor that broadcasts to (B, H, N).
     A 1-d tensor always means per head, even when H == N.
     """
-    expected = f"a number, a 0-d tensor, an (H,)=({H},) tensor or a tensor broadcastable to (B, H, N)=({B}, {H}, {N})"
+    def bad_shape(shape):  # formatted only on error: formatting symbolic sizes would specialise them under compile
+        return ValueError(f"lam must be a number, a 0-d tensor, an (H,)=({H},) tensor or a tensor broadcastable to "
+                          f"(B, H, N)=({B}, {H}, {N}); got shape {tuple(shape)}")
+
     if isinstance(lam, torch.Tensor):
         if not (lam.is_floating_point()):
             raise TypeError(f"lam must be a floating-point tensor, got dtype {lam.dtype}")
@@ -75,7 +80,7 @@ def _lam_to_bhn(lam, B: int, H: int, N: int, dtype: torch.dtype, device: torch.d
                 lam = lam.to(device)
             else:
                 raise ValueError(f"lam is on {lam.device} but q is on {device}")
-        if lam.device.type == "cpu" and not torch.isfinite(lam).all():
+        if lam.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isfinite(lam).all():
             # On an accelerator this check would cost a host sync per call; there a non-finite λ shows as
             # non-finite outputs instead (documented in diff_attn's docstring).
             raise ValueError("lam must be finite, got non-finite values")
@@ -83,18 +88,18 @@ def _lam_to_bhn(lam, B: int, H: int, N: int, dtype: torch.dtype, device: torch.d
             view = lam.reshape(1, 1, 1)
         elif lam.dim() == 1:
             if lam.shape[0] not in (1, H):
-                raise ValueError(f"lam must be {expected}; got shape {tuple(shape)}")
+                raise bad_shape(shape)
             view = lam.reshape(1, -1, 1)
         elif lam.dim() in (2, 3):
             view = lam.reshape((1,) * (3 - lam.dim()) + tuple(lam.shape))
             for got, want in zip(view.shape, (B, H, N)):
                 if got not in (1, want):
-                    raise ValueError(f"lam must be {expected}; got shape {tuple(shape)}")
+                    raise bad_shape(shape)
         else:
-            raise ValueError(f"lam must be {expected}; got shape {tuple(shape)}")
-        return view.to(dtype).expand(B, H, N)
+            raise bad_shape(shape)
+        return view.to(dtype)
     value = _finite_float("lam", lam)
-    return torch.full((1, 1, 1), value, dtype=dtype, device=device).expand(B, H, N)
+    return torch.full((1, 1, 1), value, dtype=dtype, device=device)
 
 
 def check_diff_attn_args(q, k, v, lam, *, causal, scale, norm_weight, norm_eps, out_scale, for_kernel: bool):
@@ -152,4 +157,4 @@ def check_diff_attn_args(q, k, v, lam, *, causal, scale, norm_weight, norm_eps, 
             raise ValueError(f"norm_weight is on {norm_weight.device} but q is on {q.device}")
     # λ stays in fp32 (fp64 only when the inputs are fp64, for the float64 reference evaluation).
     lam_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return DiffAttnArgs(B, H, N, d, scale, _lam_to_bhn(lam, B, H, N, lam_dtype, q.device))
+    return DiffAttnArgs(B, H, N, d, scale, _lam_to_3d(lam, B, H, N, lam_dtype, q.device))

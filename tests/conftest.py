@@ -38,3 +38,4 @@ def poison():
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (bf16 numerics, timings)")
     config.addinivalue_line("markers", "slow: long-running on CPU")
+    config.addinivalue_line("markers", "aot: ahead-of-time compilation for sm_80/sm_90 (CPU CI; skipped by device_check)")

@@ -55,7 +55,8 @@ def test_model_smoke(tmp_path):
     out, png = tmp_path / "model.json", tmp_path / "model.png"
     assert bench_model.main(["--smoke", "--json", str(out), "--plot", str(png)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {r["backend"] for r in rows} == {"eager", "sdpa", "triton", "plain-clip"}
+    assert {r["backend"] for r in rows} == {"eager", "sdpa", "triton", "sdpa+compile", "triton+compile",
+                                             "plain-clip"}
     assert {r["task"] for r in rows} == {"encode_image", "encode_text", "train_step"}
     assert all(r["ms"] and r["per_s"] > 0 for r in rows), [r for r in rows if not r["ms"]]
     assert png.exists()

@@ -15,6 +15,7 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.aot
 
 from kernels.compile_check import SMEM_LIMIT  # noqa: E402
 

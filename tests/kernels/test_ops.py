@@ -1,0 +1,204 @@
+"""The `diffattn` torch.library ops: opcheck (schema, fake tensors, autograd registration, AOT dispatch), torch.compile
+with fullgraph=True over forward + backward (aot_eager on CPU; Inductor on CUDA), dynamic shapes reusing one graph,
+and autocast."""
+
+import pytest
+import torch
+from cases import make_lam, make_qkv, to64
+from conftest import DEVICE
+from tolerances import BWD, FWD, assert_close
+
+import kernels
+from kernels import diff_attn, diff_attn_reference
+
+pytest.importorskip("triton")
+import kernels.ops  # noqa: E402,F401  (registers torch.ops.diffattn)
+
+BACKEND = "inductor" if DEVICE == "cuda" else "aot_eager"
+DTYPES = [torch.float32, torch.float16]
+
+
+def _op_args(dtype, causal, norm, N=33, d=16, requires_grad=True):
+    q, k, v = make_qkv(1, 2, N, d, dtype, DEVICE, "linear", requires_grad=requires_grad)
+    lam = make_lam("head", 0.7, 1, 2, N, DEVICE, requires_grad=requires_grad).view(1, 2, 1)
+    w = (1 + 0.1 * torch.randn(2 * d)).to(DEVICE).requires_grad_(requires_grad) if norm else None
+    return (q, k, v, lam, w, causal, d**-0.5, 1e-5, 0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
+def test_opcheck(dtype, causal, norm):
+    args = _op_args(dtype, causal, norm)
+    torch.library.opcheck(torch.ops.diffattn.diff_attn.default, args)
+    no_grad = _op_args(dtype, causal, norm, requires_grad=False)
+    torch.library.opcheck(torch.ops.diffattn.diff_attn_inference.default, no_grad)
+
+
+def test_public_wrapper_uses_the_ops(monkeypatch):
+    """Inference goes through the op that writes no backward state; training through the one that does."""
+    seen = []
+    for name in ("diff_attn", "diff_attn_inference"):
+        real = getattr(torch.ops.diffattn, name)
+        monkeypatch.setattr(torch.ops.diffattn, name, lambda *a, _r=real, _n=name: seen.append(_n) or _r(*a))
+    q, k, v = make_qkv(1, 1, 17, 16, torch.float32, DEVICE)
+    with torch.no_grad():
+        assert diff_attn(q, k, v, 0.5).grad_fn is None
+    q.requires_grad_(True)
+    assert diff_attn(q, k, v, 0.5).grad_fn is not None
+    assert seen == ["diff_attn_inference", "diff_attn"]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_compile_fullgraph_forward_and_backward(causal):
+    torch._dynamo.reset()
+    B, H, N, d = 2, 2, 77, 32
+    q, k, v = make_qkv(B, H, N, d, torch.float32, DEVICE, "linear", requires_grad=True)
+    lam = torch.tensor(0.8, device=DEVICE, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(2 * d)).to(DEVICE).requires_grad_(True)
+
+    def loss(q, k, v, lam, w):
+        out = diff_attn(q, k, v, lam, causal=causal, norm_weight=w, out_scale=0.2)
+        return out, out.square().sum()
+
+    # AOTAutograd compiles the backward together with the forward graph; the gradient call runs that graph.
+    compiled = torch.compile(loss, fullgraph=True, backend=BACKEND)
+    out, total = compiled(q, k, v, lam, w)
+    assert "CompiledFunction" in type(total.grad_fn).__name__
+    grads = torch.autograd.grad(total, [q, k, v, lam, w])
+    ref_leaves = [to64(x) for x in (q, k, v, lam, w)]
+    ref = diff_attn_reference(*ref_leaves[:4], causal=causal, norm_weight=ref_leaves[4], out_scale=0.2)
+    ref_grads = torch.autograd.grad(ref.square().sum(), ref_leaves)
+    assert_close(out, ref, torch.float32, FWD, "out")
+    for name, a, b in zip(["dq", "dk", "dv", "dlam", "dw"], grads, ref_grads):
+        assert a.shape == b.shape, name
+        assert_close(a, b, torch.float32, BWD, name)
+
+
+def test_compile_dynamic_reuses_one_graph():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(BACKEND)
+
+    def f(q, k, v, lam):
+        return diff_attn(q, k, v, lam, causal=True)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend=counter)
+    lam = torch.tensor(0.5, device=DEVICE)
+    counts = []
+    for N in (33, 50, 77):
+        q, k, v = make_qkv(2, 2, N, 16, torch.float32, DEVICE)
+        out = compiled(q, k, v, lam)
+        ref = diff_attn_reference(to64(q), to64(k), to64(v), 0.5, causal=True)
+        assert_close(out, ref, torch.float32, FWD, f"N={N}")
+        counts.append(counter.frame_count)
+    # The first call may compile twice (Dynamo restarts once to specialise the float arguments); later sequence
+    # lengths must not compile again.
+    assert counts[0] >= 1 and counts[1:] == [counts[0]] * 2, f"backend compiles after each call: {counts}"
+
+
+def test_compile_keeps_python_number_and_per_head_lambdas():
+    torch._dynamo.reset()
+    q, k, v = make_qkv(1, 3, 20, 16, torch.float32, DEVICE)
+    lam_h = torch.tensor([0.1, 0.5, 0.9], device=DEVICE)
+    for lam in (0.25, lam_h):
+        out = torch.compile(lambda q, k, v: diff_attn(q, k, v, lam), fullgraph=True, backend=BACKEND)(q, k, v)
+        ref = diff_attn_reference(to64(q), to64(k), to64(v), to64(lam))
+        assert_close(out, ref, torch.float32, FWD, f"lam={lam}")
+
+
+def test_eager_errors_unchanged_by_registration():
+    q, k, v = make_qkv(1, 1, 8, 16, torch.float32, DEVICE)
+    with pytest.raises(ValueError, match="v must have shape"):
+        diff_attn(q, k, v[..., :16], 0.5)
+    with pytest.raises(ValueError, match="lam must be finite"):
+        diff_attn(q, k, v, torch.tensor(float("nan")))
+
+
+def test_compiled_call_reports_the_validation_message():
+    """Under fullgraph=True Dynamo wraps a user error in its own exception; our message must still be in it."""
+    torch._dynamo.reset()
+    q, k, v = make_qkv(1, 1, 8, 16, torch.float32, DEVICE)
+    f = torch.compile(lambda q, k, v: diff_attn(q, k, v, 0.5), fullgraph=True, backend=BACKEND)
+    with pytest.raises(Exception, match=r"v must have shape \(B, H, N, 2d\)"):
+        f(q, k, v[..., :16])
+
+
+AUTOCAST_DTYPE = torch.float16 if DEVICE == "cpu" else torch.bfloat16  # the interpreter cannot do bf16
+
+
+def test_autocast_computes_in_autocast_dtype():
+    q, k, v = make_qkv(1, 2, 40, 32, torch.float32, DEVICE, requires_grad=True)
+    lam = torch.tensor(0.6, device=DEVICE, requires_grad=True)
+    with torch.autocast(DEVICE, dtype=AUTOCAST_DTYPE):
+        out = diff_attn(q, k, v, lam, causal=True)
+    assert out.dtype == AUTOCAST_DTYPE
+    low = [t.detach().to(AUTOCAST_DTYPE) for t in (q, k, v)]
+    expected = diff_attn(*low, lam.detach(), causal=True)
+    assert torch.equal(out, expected)  # the same kernel on the cast inputs; λ stays fp32
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and lam.grad.dtype == torch.float32
+
+
+def test_ops_namespace_is_documented():
+    assert hasattr(torch.ops.diffattn, "diff_attn") and hasattr(torch.ops.diffattn, "diff_attn_backward")
+    assert kernels.diff_attn.__doc__ and "torch.compile" in kernels.diff_attn.__doc__
+
+
+def _cuda_inputs():
+    q, k, v = make_qkv(4, 6, 197, 64, torch.bfloat16, "cuda", "linear", requires_grad=True)
+    lam = torch.tensor(0.8, device="cuda", requires_grad=True)
+    w = torch.ones(128, device="cuda", requires_grad=True)
+    return [q, k, v, lam, w]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need CUDA")
+def test_cuda_graph_capture_forward_and_backward():
+    """No host synchronisation in forward or backward: after a warm-up (autotuning done), both capture in one
+    CUDA graph and replay to the eager result."""
+    leaves = _cuda_inputs()
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        out = diff_attn(*leaves[:4], causal=True, norm_weight=leaves[4], out_scale=0.2)
+        out.float().square().mean().backward()
+        return out
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up: autotuning and compilation happen here, not during capture
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    eager_out = step().detach().clone()
+    eager_grads = [t.grad.clone() for t in leaves]
+    graph = torch.cuda.CUDAGraph()
+    for t in leaves:
+        t.grad = None
+    with torch.cuda.graph(graph):
+        static_out = diff_attn(*leaves[:4], causal=True, norm_weight=leaves[4], out_scale=0.2)
+        static_out.float().square().mean().backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager_out)
+    for t, g in zip(leaves, eager_grads):
+        assert torch.equal(t.grad, g)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="reduce-overhead mode uses CUDA graphs")
+def test_compile_reduce_overhead():
+    torch._dynamo.reset()
+    q, k, v, lam, w = (t.detach() for t in _cuda_inputs())
+
+    def f(q, k, v):
+        return diff_attn(q, k, v, lam, causal=True, norm_weight=w, out_scale=0.2)
+
+    want = f(q, k, v)  # also warms the autotuner up before any capture
+    compiled = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # recorded on the first calls, replayed after
+        got = compiled(q, k, v)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
