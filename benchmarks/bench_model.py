@@ -5,8 +5,9 @@
 
 Rows: encode_image at batch 1/32/256 and encode_text at batch 256 (inference, bf16 and fp16), and one training
 step (forward + backward of the CLIP contrastive loss, no optimizer) per backend; images/s or texts/s, step time,
-peak memory. The "plain-clip" row is the same widths with standard SDPA attention. Each backend's embeddings are
-checked against the eager backend's before timing.
+peak memory. The "plain-clip" row is the same widths with standard SDPA attention. "sdpa+compile" and
+"triton+compile" compile the encoders (fullgraph) on top of those backends. Each backend's embeddings are checked
+against the eager backend's before timing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import torch.nn.functional as F
 from . import common
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-BACKENDS = ("eager", "sdpa", "triton")
+# "+compile": torch.compile(fullgraph=True) of the whole encoder / training step on top of that backend (Inductor on
+# CUDA; aot_eager in the CPU smoke run), so users see what compiling buys on top of the kernel.
+BACKENDS = ("eager", "sdpa", "triton", "sdpa+compile", "triton+compile")
 
 
 def contrastive_loss(out):
@@ -87,9 +90,16 @@ def main(argv=None):
             model = plain if name == "plain-clip" else base
             row_base = dict(model=name if name == "plain-clip" else "diffclip", backend=name, dtype=dtype_name)
             err, skipped = None, None
+            attn, compiled = name.split("+")[0], name.endswith("+compile")
+            encode_image, encode_text, forward = model.encode_image, model.encode_text, model
             try:
+                if compiled:
+                    torch._dynamo.reset()
+                    opts = dict(fullgraph=True, backend="aot_eager" if on_cpu else "inductor")
+                    encode_image, encode_text = (torch.compile(f, **opts) for f in (encode_image, encode_text))
+                    forward = torch.compile(model, **opts)
                 if name != "plain-clip":
-                    model.set_attn_backend(name)
+                    model.set_attn_backend(attn)
                     with torch.no_grad():
                         out = model(check_img, check_txt)
                     err = max(((out[k].float() - ref[k].float()).norm() / ref[k].float().norm()).item()
@@ -110,16 +120,16 @@ def main(argv=None):
                         if task == "encode_image":
                             def step():
                                 with torch.no_grad():
-                                    return model.encode_image(image)
+                                    return encode_image(image)
                         elif task == "encode_text":
                             def step():
                                 with torch.no_grad():
-                                    return model.encode_text(text)
+                                    return encode_text(text)
                         else:
                             model.train()
 
                             def step():
-                                contrastive_loss(model(image, text)).backward()
+                                contrastive_loss(forward(image, text)).backward()
                         row["ms"] = common.bench_ms(step, grad_to_none=list(model.parameters()))
                         row["per_s"] = batch / (row["ms"] * 1e-3)
                         row["peak_mb"] = common.peak_memory_mb(step)
@@ -135,7 +145,7 @@ def main(argv=None):
                 print(f"{dtype_name} {name:10} {task:12} B={batch:<4} {status}", flush=True)
         del plain, base
     print()
-    common.print_table(rows, [("model", "model", "10"), ("backend", "backend", "10"), ("dtype", "dtype", "5"),
+    common.print_table(rows, [("model", "model", "10"), ("backend", "backend", "14"), ("dtype", "dtype", "5"),
                               ("task", "task", "12"), ("batch", "batch", "d"), ("ms", "ms", ".2f"),
                               ("per_s", "items/s", ".0f"), ("peak_mb", "peak MB", ".0f")])
     extra = {"benchmark": "model", "smoke": args.smoke, "config": config.to_dict()}
