@@ -31,7 +31,11 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["kernels", "kernels.*", "diffclip", "diffclip.*", "benchmarks"]),
     install_requires=[
-        "torch>=2.4",
+        # Checkpoints are untrusted: torch.load(weights_only=True) had known bypasses before 2.10 —
+        # CVE-2025-32434 / GHSA-53q9-r3pm-6pq6 (remote code execution, fixed in 2.6.0) and CVE-2026-24747 /
+        # GHSA-63cw-57p8-fm3p (heap corruption via SETITEM(S) and storage-size mismatches, fixed in 2.10.0).
+        # 2.10 also covers torch.library.custom_op (kernels/ops.py, needs >= 2.4).
+        "torch>=2.10",
         "einops",
         # Triton ships Linux wheels only; elsewhere `kernels` imports fine and only the Triton path errors.
         "triton>=3.6; platform_system == 'Linux'",

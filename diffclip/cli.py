@@ -176,14 +176,13 @@ def cmd_embed(args) -> int:
 def cmd_convert(args) -> int:
     import torch
 
-    from .checkpoint import read_state_dict, save_safetensors
-    from .config import infer_config
+    from .checkpoint import save_safetensors
     from .hub import resolve_source
+    from .loading import read_checked
 
     if not args.dst.endswith(".safetensors"):
         raise UsageError(f"destination must end in .safetensors, got {args.dst}")
-    state_dict = read_state_dict(resolve_source(args.src))
-    config = infer_config(state_dict)
+    _, config, state_dict = read_checked(resolve_source(args.src), attn_backend="eager")
     save_safetensors(state_dict, args.dst, config, dtype=torch.float16 if args.fp16 else None)
     size = os.path.getsize(args.dst) / 2**20
     print(f"wrote {len(state_dict)} tensors ({size:.1f} MiB) to {args.dst}")

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .checkpoint import check_keys, read_state_dict
+from .checkpoint import CheckpointError, check_keys, read_state_dict
 from .config import infer_config
 from .hub import DEFAULT_FILENAME, resolve_source
 from .image import image_transform
@@ -43,10 +43,27 @@ def load(source: str | os.PathLike, *, attn_backend: str | None = None, device=N
     """
     dtype = parse_dtype(dtype)
     path = resolve_source(source, filename)
-    state_dict = read_state_dict(path)
-    config = infer_config(state_dict, lambda_init=lambda_init)
-    model = DiffCLIP(config, attn_backend=attn_backend)
-    check_keys(model, state_dict)
-    model.load_state_dict(state_dict)
-    model = model.to(device=device, dtype=dtype).eval()
+    model, config, state_dict = read_checked(path, lambda_init=lambda_init, attn_backend=attn_backend)
+    target = dtype or torch.float32
+    model.load_state_dict({k: v.to(target) if v.is_floating_point() else v for k, v in state_dict.items()},
+                          assign=True)
+    model = model.to(device=device).eval()
     return model, image_transform(config.vision_img_size), get_tokenizer(config.context_length, config.vocab_size)
+
+
+def read_checked(path: str, *, lambda_init: float = 0.8, attn_backend: str | None = None):
+    """(meta-device model, config, state dict) of a local checkpoint whose keys and shapes match the model that
+    its sizes describe. Nothing is allocated for those sizes before the check: the model is built on the meta
+    device (load its weights with ``load_state_dict(state_dict, assign=True)``). Raises CheckpointError."""
+    state_dict = read_state_dict(path)
+    try:
+        config = infer_config(state_dict, lambda_init=lambda_init)
+    except ValueError as e:  # inconsistent sizes: not a DiffCLIP checkpoint
+        raise CheckpointError(f"{path}: {e}") from None
+    with torch.device("meta"):
+        model = DiffCLIP(config, attn_backend=attn_backend)
+    try:
+        check_keys(model, state_dict)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return model, config, state_dict
