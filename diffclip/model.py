@@ -69,6 +69,44 @@ class VisionTransformer(nn.Module):
         return self.norm(x)[:, 0]
 
 
+def check_image(image, size: int) -> None:
+    """Images must be a (B, 3, size, size) float batch: another size would be cropped or padded silently by the
+    patch grid, and uint8 pixels would skip the normalisation the model expects."""
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"image must be a torch.Tensor, got {type(image).__name__}")
+    if image.dim() == 3 and image.shape[0] == 3:
+        raise ValueError(f"image must be batched (B, 3, {size}, {size}); got one image of shape "
+                         f"{tuple(image.shape)}: pass image[None]")
+    if image.dim() != 4 or image.shape[1] != 3 or image.shape[2] != size or image.shape[3] != size:
+        raise ValueError(f"image must have shape (B, 3, {size}, {size}) (the model's image size), got "
+                         f"{tuple(image.shape)}; use the preprocess transform returned by diffclip.load")
+    if not image.is_floating_point():
+        raise TypeError(f"image must be float (normalised pixels), got {image.dtype}; use the preprocess "
+                        "transform returned by diffclip.load")
+
+
+def check_text(text, context_length: int, vocab_size: int) -> None:
+    """Token ids: an integer (B, L) tensor with 1 <= L <= context_length and ids in [0, vocab_size). The range is
+    checked exactly on CPU; on an accelerator asynchronously (no host sync: a bad id fails the next
+    synchronisation with this message instead of an anonymous device-side assert); not while compiling."""
+    if not isinstance(text, torch.Tensor):
+        raise TypeError(f"text must be a torch.Tensor of token ids, got {type(text).__name__}")
+    if text.is_floating_point() or text.is_complex() or text.dtype == torch.bool:
+        raise TypeError(f"text must hold integer token ids (use the tokenizer), got {text.dtype}")
+    if text.dim() != 2 or not 1 <= text.shape[1] <= context_length:
+        raise ValueError(f"text must be (B, L) token ids with 1 <= L <= {context_length}, got shape "
+                         f"{tuple(text.shape)}")
+    if text.numel() == 0 or torch.compiler.is_compiling():
+        return
+    in_range = (text.min() >= 0) & (text.max() < vocab_size)
+    msg = f"text token ids must lie in [0, {vocab_size}) (the model's vocabulary)"
+    if text.device.type == "cpu":
+        if not bool(in_range):
+            raise ValueError(f"{msg}, got ids in [{int(text.min())}, {int(text.max())}]")
+    else:
+        torch._assert_async(in_range, msg)
+
+
 class DiffCLIP(nn.Module):
     """DiffCLIP with a swappable attention backend.
 
@@ -107,15 +145,15 @@ class DiffCLIP(nn.Module):
         return self
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) normalised pixels -> (B, embed_dim), unnormalised."""
+        """(B, 3, S, S) normalised float pixels, S = config.vision_img_size -> (B, embed_dim), unnormalised."""
+        check_image(image, self.config.vision_img_size)
         x = self.visual(image.to(self.image_projection.dtype))
         return x @ self.image_projection
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
-        """(B, context_length) token ids, end token = the largest id of each row -> (B, embed_dim)."""
-        if text.dim() != 2 or text.shape[1] > self.config.context_length:
-            raise ValueError(f"text must be (B, L) token ids with L <= {self.config.context_length}, "
-                             f"got shape {tuple(text.shape)}")
+        """(B, L) integer token ids, 1 <= L <= context_length, end token = the largest id of each row ->
+        (B, embed_dim)."""
+        check_text(text, self.config.context_length, self.config.vocab_size)
         x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]
         for block in self.transformer.resblocks:
             x = block(x)
