@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import string
 import sys
+import tempfile
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -73,6 +75,20 @@ def _load(args):
     return load(args.checkpoint, attn_backend=args.backend, device=_device(args.device), dtype=args.dtype)
 
 
+def check_template(template: str) -> str:
+    """A prompt template must hold exactly one `{}` and no other replacement field (escape literal braces as
+    `{{`/`}}`): checked before the model loads, so `"a {} photo {x}"` is a usage error, not a KeyError later."""
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as e:
+        raise UsageError(f"bad template {template!r}: {e} (escape literal braces as {{{{ and }}}})") from None
+    if len(fields) != 1 or fields[0] != ("", "", None):
+        raise UsageError(f"template {template!r} must contain exactly one {{}} and no other {{...}} field "
+                         "(escape literal braces as {{ and }})")
+    return template
+
+
 def _open_images(paths, preprocess):
     from PIL import Image, UnidentifiedImageError
 
@@ -82,10 +98,51 @@ def _open_images(paths, preprocess):
             raise UsageError(f"image not found: {p}")
         try:
             with Image.open(p) as img:
+                # PIL only warns between MAX_IMAGE_PIXELS and twice that: refuse the whole range up front, before
+                # the pixels are decoded (a small PNG can claim 20000 x 20000).
+                if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
+                    raise UsageError(f"image {p} claims {img.width} x {img.height} pixels, over the limit of "
+                                     f"{Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS; a decompression bomb?)")
                 out.append(preprocess(img))
-        except (UnidentifiedImageError, OSError) as e:
+        except Image.DecompressionBombError as e:
+            raise UsageError(f"image {p} refused: {e}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # PIL raises all of these
             raise UsageError(f"cannot read image {p}: {e}") from None
     return out
+
+
+class AtomicOutputs:
+    """Files written under temporary names in the destination folder and moved into place together only when all
+    are complete; outputs of an earlier run that this run does not write are removed, so a folder never mixes runs.
+    On failure nothing of this run is left behind."""
+
+    def __init__(self, folder: str, names, stale=()):
+        self.folder, self.names, self.stale = folder, list(names), list(stale)
+        self.tmp = {}
+
+    def __enter__(self):
+        for name in self.names:
+            fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=self.folder)
+            os.close(fd)
+            self.tmp[name] = path
+        return self
+
+    def path(self, name: str) -> str:
+        return self.tmp[name]
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            for path in self.tmp.values():
+                if os.path.exists(path):
+                    os.remove(path)
+            return False
+        for name in self.stale:
+            target = os.path.join(self.folder, name)
+            if name not in self.tmp and os.path.exists(target):
+                os.remove(target)
+        for name, path in self.tmp.items():
+            os.replace(path, os.path.join(self.folder, name))
+        return False
 
 
 def cmd_zero_shot(args) -> int:
@@ -94,8 +151,7 @@ def cmd_zero_shot(args) -> int:
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
     if not labels:
         raise UsageError("--labels is empty: give comma-separated class names")
-    if args.template.count("{}") != 1:
-        raise UsageError("--template must contain exactly one {}")
+    check_template(args.template)
     if args.top_k < 1:
         raise UsageError("--top-k must be >= 1")
     for p in args.images:
@@ -138,6 +194,9 @@ def cmd_embed(args) -> int:
     paths = sorted(os.path.join(args.dir, f) for f in os.listdir(args.dir) if f.lower().endswith(IMAGE_SUFFIXES))
     if not paths:
         raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {args.dir}")
+    odd = [p for p in paths if "\n" in p or "\r" in p]
+    if odd:  # paths.txt holds one path per line: a newline in a name would misalign every row after it
+        raise UsageError(f"file name with a line break in {args.dir}: {odd[0]!r}; rename it")
     captions = None
     if args.text:
         if not os.path.isfile(args.text):
@@ -146,6 +205,8 @@ def cmd_embed(args) -> int:
             captions = [line.strip() for line in f if line.strip()]
         if not captions:
             raise UsageError(f"caption file is empty: {args.text}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} exists and is not a folder")
     model, preprocess, tokenizer = _load(args)
     device = next(model.parameters()).device
     os.makedirs(args.out, exist_ok=True)
@@ -154,19 +215,23 @@ def cmd_embed(args) -> int:
         x = x.float()
         return (x if args.no_normalize else torch.nn.functional.normalize(x, dim=-1)).cpu().numpy()
 
-    chunks = []
-    with torch.no_grad():
+    names = ["image_embeddings.npy", "paths.txt"] + (["text_embeddings.npy", "texts.txt"] if captions else [])
+    stale = ["image_embeddings.npy", "paths.txt", "text_embeddings.npy", "texts.txt"]
+    with AtomicOutputs(args.out, names, stale) as out, torch.no_grad():
+        chunks = []
         for i in tqdm(range(0, len(paths), args.batch_size), desc="images", unit="batch"):
             batch = torch.stack(_open_images(paths[i:i + args.batch_size], preprocess)).to(device)
             chunks.append(finish(model.encode_image(batch)))
-        np.save(os.path.join(args.out, "image_embeddings.npy"), np.concatenate(chunks))
-        with open(os.path.join(args.out, "paths.txt"), "w", encoding="utf-8") as f:
+        with open(out.path("image_embeddings.npy"), "wb") as f:
+            np.save(f, np.concatenate(chunks))
+        with open(out.path("paths.txt"), "w", encoding="utf-8") as f:
             f.write("\n".join(paths) + "\n")
         if captions is not None:
             chunks = [finish(model.encode_text(tokenizer(captions[i:i + args.batch_size]).to(device)))
                       for i in tqdm(range(0, len(captions), args.batch_size), desc="texts", unit="batch")]
-            np.save(os.path.join(args.out, "text_embeddings.npy"), np.concatenate(chunks))
-            with open(os.path.join(args.out, "texts.txt"), "w", encoding="utf-8") as f:
+            with open(out.path("text_embeddings.npy"), "wb") as f:
+                np.save(f, np.concatenate(chunks))
+            with open(out.path("texts.txt"), "w", encoding="utf-8") as f:
                 f.write("\n".join(captions) + "\n")
     print(f"wrote {len(paths)} image embeddings" + (f" and {len(captions)} text embeddings" if captions else "")
           + f" to {args.out}")
@@ -182,8 +247,13 @@ def cmd_convert(args) -> int:
 
     if not args.dst.endswith(".safetensors"):
         raise UsageError(f"destination must end in .safetensors, got {args.dst}")
+    folder = os.path.dirname(os.path.abspath(args.dst))
+    if not os.path.isdir(folder):
+        raise UsageError(f"destination folder does not exist: {folder}")
     _, config, state_dict = read_checked(resolve_source(args.src), attn_backend="eager")
-    save_safetensors(state_dict, args.dst, config, dtype=torch.float16 if args.fp16 else None)
+    with AtomicOutputs(folder, [os.path.basename(args.dst)]) as out:
+        save_safetensors(state_dict, out.path(os.path.basename(args.dst)), config,
+                         dtype=torch.float16 if args.fp16 else None)
     size = os.path.getsize(args.dst) / 2**20
     print(f"wrote {len(state_dict)} tensors ({size:.1f} MiB) to {args.dst}")
     return 0

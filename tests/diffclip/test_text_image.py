@@ -36,3 +36,34 @@ def test_image_transform_resizes_shorter_side_and_crops():
     assert x.shape == (3, 224, 224)
     # pure red after ImageNet normalisation
     torch.testing.assert_close(x[:, 100, 100], torch.tensor([(1 - 0.485) / 0.229, -0.456 / 0.224, -0.406 / 0.225]))
+
+
+def test_image_transform_keeps_aspect_ratio():
+    """A tall image: top, middle and bottom thirds red, blue, green. Resizing the shorter side and cropping the
+    centre keeps rows 60 and 160 (of 224) in the blue middle; a squashing resize would put row 160 in the green."""
+    from PIL import Image
+
+    img = Image.new("RGB", (300, 450))
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255), (0, 255, 0)]):
+        img.paste(colour, (0, 150 * i, 300, 150 * (i + 1)))
+    x = image_transform(224)(img)
+    blue = torch.tensor([-0.485 / 0.229, -0.456 / 0.224, (1 - 0.406) / 0.225])
+    for row in (60, 160):
+        torch.testing.assert_close(x[:, row, 112], blue, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_depth_images_keep_their_range(mode):
+    """A mid-grey 16-bit (or [0, 1] float) image must come out mid-grey, not clipped to white."""
+    import numpy as np
+    from PIL import Image
+
+    if mode == "F":
+        img = Image.fromarray(np.full((64, 64), 0.5, dtype=np.float32), mode="F")
+    else:
+        img = Image.fromarray(np.full((64, 64), 32768, dtype=np.uint16 if mode == "I;16" else np.int32))
+        img = img.convert(mode) if img.mode != mode else img
+    assert img.mode == mode
+    x = image_transform(32)(img)
+    grey = torch.tensor([(128 / 255 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    torch.testing.assert_close(x[:, 16, 16], grey, atol=0.02, rtol=0)
