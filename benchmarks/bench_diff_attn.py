@@ -118,6 +118,10 @@ def run_case(provider, label, B, H, N, d, causal, dtype_name, mode, device):
         row["ms"] = common.bench_ms(step, grad_to_none=grads)
         row["tflops"] = common.flops(mode, B, H, N, d, causal) / (row["ms"] * 1e-3) / 1e12
         row["peak_mb"] = common.peak_memory_mb(step)
+        if provider == "triton":  # the configs autotuning chose for this case (latest launch of each kernel)
+            from kernels import configs
+
+            row["configs"] = {k: configs.LAST_CONFIG.get(k) for k in (("fwd",) if mode == "fwd" else configs.KERNELS)}
     except torch.cuda.OutOfMemoryError:
         row["skipped"] = "out of memory"
         torch.cuda.empty_cache()
@@ -226,6 +230,8 @@ def main(argv=None):
     p.add_argument("--providers", default=",".join(PROVIDER_NAMES))
     p.add_argument("--max-n", type=int, default=16384, help="largest N of the sweeps")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, fp32, runs on CPU (Triton interpreter)")
+    p.add_argument("--sweep", choices=["full", "reduced"], help="also time every default config of each kernel at "
+                   "a few shapes (benchmarks/sweep.py; reduced: vision and N=4096 d=128), first --dtypes entry")
     p.add_argument("--json", help="write results here")
     p.add_argument("--plot", help="write a PNG plot here")
     args = p.parse_args(argv)
@@ -268,7 +274,15 @@ def main(argv=None):
     targets = evaluate_targets(rows)
     for t in targets:
         print(f"target {t['target']}: {t['value']} -> {'met' if t['met'] else 'NOT met'}")
-    extra = {"benchmark": "diff_attn", "smoke": args.smoke, "targets": targets,
+    sweep_rows = []
+    if args.sweep:
+        from . import sweep
+
+        sweep_shapes = sweep.SMOKE if args.smoke else (sweep.FULL if args.sweep == "full" else sweep.REDUCED)
+        sweep_rows = sweep.run_sweep(sweep_shapes, dtypes[0], device)
+        for shape, kernels_ in sweep.winners(sweep_rows).items():
+            print(f"sweep winner {shape}: " + "; ".join(f"{k} {c}" for k, c in kernels_.items()))
+    extra = {"benchmark": "diff_attn", "smoke": args.smoke, "targets": targets, "sweep": sweep_rows,
              "flops": {"fwd": "12*N^2*d per diff-head", "bwd": "20*N^2*d per diff-head", "causal": "halved"}}
     if args.json:
         common.write_json(args.json, env, rows, extra)

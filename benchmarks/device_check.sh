@@ -47,9 +47,10 @@ timeout 200 "$PY" -m pytest tests -q -x -p no:cacheprovider \
     2>&1 | tee "$OUTDIR/gpu_tests.log" | tail -n 25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-echo "== op benchmark: forward and forward+backward, bf16"
-timeout 110 "$PY" -m benchmarks.bench_diff_attn --shapes device-check --modes fwd,fwd+bwd --dtypes bf16 \
-    --providers triton,eager,sdpa2,sdpa4 --json "$OUTDIR/bench_diff_attn.json" --plot "$OUTDIR/bench_diff_attn.png" \
+echo "== op benchmark: forward and forward+backward, bf16, and a reduced config sweep"
+timeout 150 "$PY" -m benchmarks.bench_diff_attn --shapes device-check --modes fwd,fwd+bwd --dtypes bf16 \
+    --providers triton,eager,sdpa2,sdpa4 --sweep reduced \
+    --json "$OUTDIR/bench_diff_attn.json" --plot "$OUTDIR/bench_diff_attn.png" \
     "${SMOKE[@]}" \
     2>&1 | tee "$OUTDIR/bench_diff_attn.log" | tail -n 30
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -42,6 +42,7 @@ class CompileResult:
     registers: int
     spill_stores: int
     spill_loads: int
+    mma: str  # tensor-core instruction in the PTX: "wgmma" (Hopper warpgroup MMA), "mma.sync" (Ampere) or "none"
 
     @property
     def smem_ok(self) -> bool:
@@ -176,12 +177,22 @@ def compile_preprocess(arch, dtype, head_dim, has_norm=True):
     return _compile(fn, sig, const, arch, cfg, _aligned_strides(fn))
 
 
+def mma_kind(ptx: str) -> str:
+    """The tensor-core instruction a kernel's PTX uses: "wgmma" if any product is a Hopper warpgroup MMA, else
+    "mma.sync" (Ampere-style warp MMA), else "none" (e.g. fp32 ieee dots run on the FMA units)."""
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if "mma.sync" in ptx:
+        return "mma.sync"
+    return "none"
+
+
 def _result(kernel, compiled, arch, dtype, head_dim, causal, cfg):
     regs, stores, loads = ptxas_report(compiled.asm["ptx"], arch)
     return CompileResult(
         kernel, arch, dtype, head_dim, causal,
         " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w={cfg.num_warps} s={cfg.num_stages}",
-        compiled.metadata.shared, regs, stores, loads,
+        compiled.metadata.shared, regs, stores, loads, mma_kind(compiled.asm["ptx"]),
     )
 
 
@@ -269,10 +280,11 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
         return
-    print(f"{'kernel':8} {'sm':>3} {'dtype':5} {'d':>4} {'causal':6} {'config':34} {'smem':>7} {'regs':>4} spills")
+    print(f"{'kernel':9} {'sm':>3} {'dtype':5} {'d':>4} {'causal':6} {'config':34} {'smem':>7} {'regs':>4} "
+          f"{'spills':7} mma")
     for r in results:
-        print(f"{r.kernel:8} {r.arch:>3} {r.dtype:5} {r.head_dim:>4} {str(r.causal):6} "
-              f"{r.config:34} {r.shared:>7} {r.registers:>4} {r.spill_stores}/{r.spill_loads}")
+        print(f"{r.kernel:9} {r.arch:>3} {r.dtype:5} {r.head_dim:>4} {str(r.causal):6} "
+              f"{r.config:34} {r.shared:>7} {r.registers:>4} {f'{r.spill_stores}/{r.spill_loads}':7} {r.mma}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ ROWS = {
         Row(64, 32, 8, 3, _D64),
         Row(32, 64, 4, 2, _D64 + _SMALL),
         Row(64, 32, 4, 2, _SMALL),
+        Row(64, 16, 8, 2, _D128, min_sm=90),  # d=128 with wgmma (BLOCK_M >= 64); 64x32 spills 16-20 B causal
         Row(32, 64, 8, 2, _D128),
         Row(32, 32, 8, 3, _D128),
         Row(32, 32, 8, 2, _D128),
@@ -75,6 +76,7 @@ ROWS = {
     # query blocks; the dQ program keeps dQ1, dQ2 (BLOCK_M x d). Rows chosen from a ptxas sweep (no spills on
     # sm_80/sm_90).
     "dkdv": [
+        Row(32, 64, 8, 2, _D64, min_sm=90),  # 64 keys per program: wgmma on sm_90; spills 32-128 B on sm_80
         Row(64, 32, 8, 2, _D64),
         Row(32, 32, 4, 2, _D64),  # spills 24 B at d=32 on sm_90 with Triton 3.6
         Row(64, 16, 4, 2, _D64),
@@ -210,15 +212,27 @@ def fixed_config(kernel: str, p: Problem) -> triton.Config:
     return rows[0].config()
 
 
+# kernel -> description of the config of its latest launch (benchmarks record what autotuning chose)
+LAST_CONFIG: dict = {}
+
+
+def describe(cfg: triton.Config) -> str:
+    """`BLOCK_M=.. BLOCK_N=.. w=.. s=..`, the form of the compile report."""
+    return " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w={cfg.num_warps} s={cfg.num_stages}"
+
+
 def launch(kernel: str, autotuned, grid, args, kwargs, p: Problem) -> triton.Config | None:
     """Launch one kernel by the policy: forced config > fixed config (deterministic mode or DIFF_ATTN_AUTOTUNE=0)
     > autotuning. Returns the config launched with (the autotuner's choice when it tuned)."""
     if kernel in _forced or deterministic_enabled() or not autotune_enabled():
         cfg = fixed_config(kernel, p)
         autotuned.fn[grid](*args, **kwargs, **cfg.all_kwargs())
-        return cfg
-    autotuned[grid](*args, **kwargs)
-    return autotuned.best_config
+    else:
+        autotuned[grid](*args, **kwargs)
+        cfg = autotuned.best_config
+    if isinstance(cfg, triton.Config):
+        LAST_CONFIG[kernel] = describe(cfg)
+    return cfg
 
 
 def _prune(kernel: str):

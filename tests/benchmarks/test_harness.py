@@ -43,6 +43,22 @@ def test_op_smoke_writes_every_provider(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_sweep_times_every_fitting_config_and_records_choices(tmp_path):
+    from kernels import configs
+
+    out = tmp_path / "sweep.json"
+    assert bench_diff_attn.main(["--smoke", "--modes", "fwd+bwd", "--providers", "triton", "--sweep", "reduced",
+                                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    triton_rows = [r for r in data["rows"] if r["provider"] == "triton"]
+    assert triton_rows and all(set(r["configs"]) == set(configs.KERNELS) for r in triton_rows)
+    sweep = data["sweep"]
+    p = configs.Problem(16, 4, True, 40, 90)  # the smoke sweep shape, fp32, interpreter (sm 90)
+    for kernel in configs.KERNELS:
+        timed = {r["config"] for r in sweep if r["kernel"] == kernel and r["ms"]}
+        assert timed == {configs.describe(r.config()) for r in configs.fitting_rows(kernel, p)}, kernel
+
+
 def test_failed_check_is_reported_not_timed(monkeypatch):
     from benchmarks import providers
 
