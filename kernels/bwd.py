@@ -137,8 +137,10 @@ def _load_key_rows(k_base, stride_kh, stride_kn, stride_kd, v_base, stride_vn, s
 @triton.jit
 def _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, q_base, stride_qh, stride_qn, stride_qd, do_base, stride_on,
                 stride_od, LSE, DELTA, row_base, lam_base, stride_ln, offs_d, offs_dv, N, lo, hi, qk_scale, do_scale,
-                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Fold query blocks [lo, hi) into one key block's dK1, dK2 and dV (keys along rows: no transposes).
+                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                DO_DK: tl.constexpr, DO_DV: tl.constexpr):
+    """Fold query blocks [lo, hi) into one key block's dK1, dK2 (DO_DK) and dV (DO_DV) (keys along rows: no
+    transposes).
 
     Only MASKED blocks (the causal diagonal) build a mask. Query rows past N need none: they read lse = +inf, so
     their probabilities are exactly 0. Key rows past N need none either: each accumulator row belongs to one key,
@@ -154,13 +156,51 @@ def _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, q_base, stride_qh, stride_qn, s
             visible = offs_m[None, :] >= offs_n[:, None]
             p1t = tl.where(visible, p1t, 0.0)
             p2t = tl.where(visible, p2t, 0.0)
-        dv = tl.dot((p1t - lam[None, :] * p2t).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) * do_scale
-        ds1t = p1t * (dpt - d1[None, :])
-        ds2t = -lam[None, :] * p2t * (dpt - d2[None, :])
-        dk1 = tl.dot(ds1t.to(q1.dtype), q1, dk1, input_precision=DOT_PRECISION)
-        dk2 = tl.dot(ds2t.to(q2.dtype), q2, dk2, input_precision=DOT_PRECISION)
+        if DO_DV:
+            dv = tl.dot((p1t - lam[None, :] * p2t).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if DO_DK:
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) * do_scale
+            ds1t = p1t * (dpt - d1[None, :])
+            ds2t = -lam[None, :] * p2t * (dpt - d2[None, :])
+            dk1 = tl.dot(ds1t.to(q1.dtype), q1, dk1, input_precision=DOT_PRECISION)
+            dk2 = tl.dot(ds2t.to(q2.dtype), q2, dk2, input_precision=DOT_PRECISION)
     return dk1, dk2, dv
+
+
+@triton.jit
+def _dkdv_pass(dk1, dk2, dv, k1, k2, v, offs_n, common_q, start_n, N, qk_scale, do_scale,
+               CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               DO_DK: tl.constexpr, DO_DV: tl.constexpr):
+    """All query blocks that see this key block: the causal diagonal (masked), then the rest (unmasked). In the
+    two-pass (split) form, causal runs one masked loop instead: two loop bodies per pass (four in all) spill
+    where one does not."""
+    if CAUSAL and not (DO_DK and DO_DV):
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, *common_q, lo, N, qk_scale, do_scale,
+                                   True, BLOCK_M, DOT_PRECISION, DO_DK, DO_DV)
+        return dk1, dk2, dv
+    if CAUSAL:
+        # Queries before this key block never see it: start at the query block holding `start_n`. Query blocks
+        # from `mid` on lie wholly below the diagonal and need no mask.
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        mid = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, N)
+        dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, *common_q, lo, mid, qk_scale, do_scale,
+                                   True, BLOCK_M, DOT_PRECISION, DO_DK, DO_DV)
+    else:
+        mid = 0
+    dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, *common_q, mid, N, qk_scale, do_scale,
+                               False, BLOCK_M, DOT_PRECISION, DO_DK, DO_DV)
+    return dk1, dk2, dv
+
+
+@triton.jit
+def _store_dk(DK, dk1, dk2, b, h, start_n, stride_dkb, stride_dkh, stride_dkn, stride_dkd, offs_d, key_ok, sm_scale,
+              BLOCK_N: tl.constexpr):
+    keys = tl.arange(0, BLOCK_N)
+    dk_ptrs = (DK + b * stride_dkb + (2 * h) * stride_dkh + start_n.to(tl.int64) * stride_dkn
+               + (keys[:, None] * stride_dkn + offs_d[None, :] * stride_dkd))
+    tl.store(dk_ptrs, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(dk_ptrs + stride_dkh, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
 
 
 @triton.jit
@@ -175,11 +215,15 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, N, N_BUCKET, GRID_BUCKET, qk_scale, sm_scale, do_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One program: BLOCK_N keys of one diff-head; loops over the query blocks that see them. Works transposed
     (keys along rows) so that dK1, dK2 and dV accumulate without a transpose. Causal key blocks are heaviest
-    first already (block 0 is seen by every query)."""
+    first already (block 0 is seen by every query).
+
+    SPLIT: two passes over the queries, dK1/dK2 first (stored), then dV. Only 2d fp32 accumulator columns are live
+    at a time instead of 4d, which lets d = 128 use 64-key blocks (wgmma on Hopper) without spilling; the price is
+    recomputing both maps (two QKᵀ and their exponentials) in the second pass."""
     block_n, bh = _block_and_head(N, BLOCK_N, False)
     start_n = block_n * BLOCK_N
     b = (bh // H).to(tl.int64)
@@ -198,26 +242,23 @@ def _bwd_dkdv_kernel(
     do_base = DO + b * stride_ob + h * stride_oh
     row_base = (b * 2 * H + 2 * h) * N  # LSE and DELTA rows of map 1; map 2 follows at +N
     lam_base = LAM + b * stride_lb + h * stride_lh
-    common = (q_base, stride_qh, stride_qn, stride_qd, do_base, stride_on, stride_od, LSE, DELTA, row_base,
-              lam_base, stride_ln, offs_d, offs_dv, N)
-    if CAUSAL:
-        # Queries before this key block never see it: start at the query block holding `start_n`. Query blocks
-        # from `mid` on lie wholly below the diagonal and need no mask.
-        lo = (start_n // BLOCK_M) * BLOCK_M
-        mid = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, N)
-        dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, *common, lo, mid, qk_scale, do_scale,
-                                   True, BLOCK_M, DOT_PRECISION)
+    common_q = (q_base, stride_qh, stride_qn, stride_qd, do_base, stride_on, stride_od, LSE, DELTA, row_base,
+                lam_base, stride_ln, offs_d, offs_dv, N)
+    if SPLIT:
+        dk1, dk2, dv = _dkdv_pass(dk1, dk2, dv, k1, k2, v, offs_n, common_q, start_n, N, qk_scale, do_scale,
+                                  CAUSAL, BLOCK_M, BLOCK_N, DOT_PRECISION, True, False)
+        _store_dk(DK, dk1, dk2, b, h, start_n, stride_dkb, stride_dkh, stride_dkn, stride_dkd, offs_d, key_ok,
+                  sm_scale, BLOCK_N)
+        dv = _dkdv_pass(dk1, dk2, dv, k1, k2, v, offs_n, common_q, start_n, N, qk_scale, do_scale,
+                        CAUSAL, BLOCK_M, BLOCK_N, DOT_PRECISION, False, True)[2]
     else:
-        mid = 0
-    dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, *common, mid, N, qk_scale, do_scale,
-                               False, BLOCK_M, DOT_PRECISION)
+        dk1, dk2, dv = _dkdv_pass(dk1, dk2, dv, k1, k2, v, offs_n, common_q, start_n, N, qk_scale, do_scale,
+                                  CAUSAL, BLOCK_M, BLOCK_N, DOT_PRECISION, True, True)
+        _store_dk(DK, dk1, dk2, b, h, start_n, stride_dkb, stride_dkh, stride_dkn, stride_dkd, offs_d, key_ok,
+                  sm_scale, BLOCK_N)
 
     keys = tl.arange(0, BLOCK_N)
     n64 = start_n.to(tl.int64)
-    dk_ptrs = (DK + b * stride_dkb + (2 * h) * stride_dkh + n64 * stride_dkn
-               + (keys[:, None] * stride_dkn + offs_d[None, :] * stride_dkd))
-    tl.store(dk_ptrs, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
-    tl.store(dk_ptrs + stride_dkh, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(DV + b * stride_dvb + h * stride_dvh + n64 * stride_dvn
              + (keys[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd),
              (dv * do_scale).to(DV.dtype.element_ty), mask=key_ok[:, None])

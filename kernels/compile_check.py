@@ -191,7 +191,7 @@ def _result(kernel, compiled, arch, dtype, head_dim, causal, cfg):
     regs, stores, loads = ptxas_report(compiled.asm["ptx"], arch)
     return CompileResult(
         kernel, arch, dtype, head_dim, causal,
-        " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w={cfg.num_warps} s={cfg.num_stages}",
+        configs.describe(cfg),
         compiled.metadata.shared, regs, stores, loads, mma_kind(compiled.asm["ptx"]),
     )
 

@@ -39,19 +39,26 @@ class Row:
     min_sm: int = 80  # lowest compute capability (x10) it compiles cleanly for
     max_sm: int = 1000  # highest (rows that spill on Hopper but not on Ampere)
     fp32: bool = False  # fp32 inputs (ieee dots, twice the operand registers) get their own small rows only
+    split: bool | None = None  # dK/dV rows only: dK and dV in two passes (the kernel's SPLIT flag)
 
     @property
     def key(self) -> tuple:
-        return (self.block_m, self.block_n, self.warps, self.stages)
+        return (self.block_m, self.block_n, self.warps, self.stages, self.split)
 
     def config(self) -> triton.Config:
-        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, num_warps=self.warps,
-                             num_stages=self.stages)
+        kwargs = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}
+        if self.split is not None:
+            kwargs["SPLIT"] = self.split
+        return triton.Config(kwargs, num_warps=self.warps, num_stages=self.stages)
+
+
+def _dkdv(*args, split: bool = False, **kwargs) -> Row:
+    return Row(*args, split=split, **kwargs)
 
 
 def config_key(cfg: triton.Config) -> tuple:
     """The side table's key of a Config (also of one rebuilt from Triton's JSON autotune cache)."""
-    return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+    return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages, cfg.kwargs.get("SPLIT"))
 
 
 # One forward program holds two fp32 accumulators of BLOCK_M x 2d, i.e. the registers of a plain flash-attention
@@ -76,17 +83,20 @@ ROWS = {
     # query blocks; the dQ program keeps dQ1, dQ2 (BLOCK_M x d). Rows chosen from a ptxas sweep (no spills on
     # sm_80/sm_90).
     "dkdv": [
-        Row(32, 64, 8, 2, _D64, min_sm=90),  # 64 keys per program: wgmma on sm_90; spills 32-128 B on sm_80
-        Row(64, 32, 8, 2, _D64),
-        Row(32, 32, 4, 2, _D64),  # spills 24 B at d=32 on sm_90 with Triton 3.6
-        Row(64, 16, 4, 2, _D64),
-        Row(32, 64, 4, 2, _SMALL),
-        Row(32, 16, 4, 2, _SMALL),
-        Row(32, 32, 8, 2, _D128),
+        _dkdv(32, 64, 8, 2, _D64, min_sm=90),  # 64 keys per program: wgmma on sm_90; spills 32-128 B on sm_80
+        _dkdv(64, 32, 8, 2, _D64),
+        _dkdv(32, 32, 4, 2, _D64),  # spills 24 B at d=32 on sm_90 with Triton 3.6
+        _dkdv(64, 16, 4, 2, _D64),
+        _dkdv(32, 64, 4, 2, _SMALL),
+        _dkdv(32, 16, 4, 2, _SMALL),
+        # d=128: dK1, dK2 and dV together are 4d = 512 fp32 columns per key row; 64-key blocks (wgmma) fit only
+        # with the two-pass SPLIT form (2d live at a time) and 16-query steps (32x64 and 64x64 split spill).
+        _dkdv(16, 64, 8, 2, _D128, min_sm=90, split=True),
+        _dkdv(32, 32, 8, 2, _D128),
         # fp32 (exact path): ptxas spills 4-60 B with other warp/stage counts on one architecture or the other.
-        Row(16, 16, 8, 1, _ALL_D, min_sm=90, fp32=True),
-        Row(16, 16, 4, 2, _D64 + _D128, max_sm=89, fp32=True),
-        Row(16, 16, 4, 1, _SMALL, max_sm=89, fp32=True),
+        _dkdv(16, 16, 8, 1, _ALL_D, min_sm=90, fp32=True),
+        _dkdv(16, 16, 4, 2, _D64 + _D128, max_sm=89, fp32=True),
+        _dkdv(16, 16, 4, 1, _SMALL, max_sm=89, fp32=True),
     ],
     "dq": [
         Row(64, 64, 8, 2, _D64, min_sm=90),  # spills 8-44 B on sm_80 since the dQ loop was split (masked / unmasked)
@@ -117,7 +127,7 @@ _ROW_BY_KEY = _side_table()
 
 INTERPRET = {
     "fwd": triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
-    "dkdv": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+    "dkdv": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT": False}, num_warps=4, num_stages=1),
     "dq": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
 }
 
@@ -218,7 +228,9 @@ LAST_CONFIG: dict = {}
 
 def describe(cfg: triton.Config) -> str:
     """`BLOCK_M=.. BLOCK_N=.. w=.. s=..`, the form of the compile report."""
-    return " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w={cfg.num_warps} s={cfg.num_stages}"
+    kw = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in cfg.kwargs.items()
+                  if not (k == "SPLIT" and not v))  # SPLIT shown only when on
+    return f"{kw} w={cfg.num_warps} s={cfg.num_stages}"
 
 
 def launch(kernel: str, autotuned, grid, args, kwargs, p: Problem) -> triton.Config | None:

@@ -75,22 +75,17 @@ def test_compile_backward_preprocess(compile_results, arch, dtype, d):
 
 
 # Hot paths on Hopper: every kernel with matrix products needs at least one default row that compiles to wgmma
-# (warpgroup MMA) without spills, for fp16/bf16, d = 64 and 128, causal and not. dK/dV at d = 128 has none yet:
-# its three accumulators (dK1, dK2: d wide, dV: 2d wide) spill at every key block >= 64 (issue 8: needs a
-# structural change, e.g. dV in a pass of its own). Strict xfail: gaining a wgmma row makes it fail, so the mark
-# is removed then.
-_NO_WGMMA_YET = {("dkdv", 128)}
+# (warpgroup MMA) without spills, for fp16/bf16, d = 64 and 128, causal and not (dK/dV at d = 128 through its
+# two-pass SPLIT row). Losing such a row fails here.
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("kernel", ["fwd", "fwd_infer", "dkdv", "dq"])
-def test_compile_hopper_wgmma_row(compile_results, request, kernel, d, causal, dtype):
+def test_compile_hopper_wgmma_row(compile_results, kernel, d, causal, dtype):
     if kernel == "fwd_infer" and causal:
         pytest.skip("the inference variant is compiled non-causal only")
-    if (kernel, d) in _NO_WGMMA_YET:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 8: dK/dV at d=128 has no wgmma row"))
     rows = [r for r in compile_results if r["kernel"] == kernel and r["arch"] == 90 and r["dtype"] == dtype
             and r["head_dim"] == d and r["causal"] == causal]
     good = [r["config"] for r in rows if r["mma"] == "wgmma" and r["spill_stores"] == 0
