@@ -26,3 +26,4 @@ def test_device_check_dry_run(tmp_path):
     op = json.loads((tmp_path / "bench_diff_attn.json").read_text())
     assert {r["provider"] for r in op["rows"]} == {"triton", "eager", "sdpa2", "sdpa4"}
     assert {r["mode"] for r in op["rows"]} == {"fwd", "fwd+bwd"}
+    assert op["sweep"] and all(r["ms"] for r in op["sweep"])  # the reduced config sweep ran (smoke shape on CPU)
