@@ -28,7 +28,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, choices=["eager", "sdpa", "triton", "auto"],
                    help="attention backend (default: $DIFFCLIP_ATTN_BACKEND, else auto)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model dtype (default fp32)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="model dtype (default: bf16 on CUDA, so that auto picks the fused kernel; fp32 on CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +73,9 @@ def _device(name):
 def _load(args):
     from .loading import load
 
-    return load(args.checkpoint, attn_backend=args.backend, device=_device(args.device), dtype=args.dtype)
+    device = _device(args.device)
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    return load(args.checkpoint, attn_backend=args.backend, device=device, dtype=dtype)
 
 
 def check_template(template: str) -> str:

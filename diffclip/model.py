@@ -107,6 +107,18 @@ def check_text(text, context_length: int, vocab_size: int) -> None:
         torch._assert_async(in_range, msg)
 
 
+def _last_needed_position(eot: torch.Tensor, length: int) -> int:
+    """Tokens after the batch's last end-of-text token cannot change any output (the text encoder is causal and
+    everything else acts per token), so the encoder runs on the first max(eot) + 1 positions only: exact, and most
+    prompts are far shorter than the 77-token context. Reading max(eot) costs one host sync, so the full length is
+    kept while compiling (a data-dependent size) or capturing a CUDA graph."""
+    if eot.numel() == 0 or torch.compiler.is_compiling():
+        return length
+    if eot.is_cuda and torch.cuda.is_current_stream_capturing():
+        return length
+    return int(eot.max()) + 1
+
+
 class DiffCLIP(nn.Module):
     """DiffCLIP with a swappable attention backend.
 
@@ -154,11 +166,13 @@ class DiffCLIP(nn.Module):
         """(B, L) integer token ids, 1 <= L <= context_length, end token = the largest id of each row ->
         (B, embed_dim)."""
         check_text(text, self.config.context_length, self.config.vocab_size)
+        eot = text.argmax(dim=-1)
+        text = text[:, : _last_needed_position(eot, text.shape[1])]
         x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]
         for block in self.transformer.resblocks:
             x = block(x)
         x = self.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
         return x @ self.text_projection
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -46,3 +46,32 @@ def test_valid_inputs_in_half_precision():
         with torch.no_grad():
             out = m(torch.randn(2, 3, 32, 32), torch.randint(0, 50, (2, 5)))
         assert out["image_embed"].dtype == dtype and torch.isfinite(out["text_embed"].float()).all()
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_encode_text_stops_at_the_last_end_token_exactly(backend):
+    """Positions after the batch's last end token are skipped: the result must equal the full-length computation
+    (causality), and padding after the end token must not matter."""
+    from diffclip import model as model_mod
+
+    torch.manual_seed(0)
+    m = DiffCLIP(TINY, attn_backend=backend).eval()
+    text = torch.zeros(2, 8, dtype=torch.long)
+    text[0, :3] = torch.tensor([5, 7, 49])  # end token (the largest id) at position 2
+    text[1, :5] = torch.tensor([3, 4, 9, 2, 49])  # at position 4
+    seen = []
+    real = model_mod._last_needed_position
+    model_mod._last_needed_position = lambda eot, n: seen.append(real(eot, n)) or seen[-1]
+    try:
+        with torch.no_grad():
+            short = m.encode_text(text)
+            model_mod._last_needed_position = lambda eot, n: n  # force the full length
+            full = m.encode_text(text)
+            noisy = text.clone()
+            noisy[:, 6:] = 11  # different padding after every end token
+            full_noisy = m.encode_text(noisy)
+    finally:
+        model_mod._last_needed_position = real
+    assert seen == [5]
+    torch.testing.assert_close(short, full, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(full_noisy, full, atol=1e-6, rtol=1e-5)
