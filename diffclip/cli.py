@@ -52,6 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--no-normalize", action="store_true", help="save raw embeddings instead of unit-norm ones")
     _common(em)
 
+    ev = sub.add_parser("eval", help="zero-shot classification or retrieval metrics on a labelled dataset")
+    evsub = ev.add_subparsers(dest="task", required=True)
+    zs_ev = evsub.add_parser("zeroshot", help="ImageFolder tree (one sub-folder per class): acc1, acc5, "
+                             "mean per-class recall")
+    zs_ev.add_argument("--data", required=True, help="folder with one sub-folder of images per class")
+    zs_ev.add_argument("--classnames", help="file with one class name per line, in sorted-folder order "
+                       "(default: the folder names, '_' read as a space)")
+    zs_ev.add_argument("--templates", help="file with one prompt template per line, {} marks the class name "
+                       "(default: the 80 ImageNet templates of CLIP)")
+    rt_ev = evsub.add_parser("retrieval", help="CSV with columns image,caption: recall@1/5/10 both ways")
+    rt_ev.add_argument("--data", required=True, help="CSV file; image paths relative to its folder")
+    for q in (zs_ev, rt_ev):
+        q.add_argument("--batch-size", type=int, default=64)
+        q.add_argument("--num-workers", type=int, default=0, help="image-loading worker processes")
+        q.add_argument("--json", help="write the result here (CLIP Benchmark's layout)")
+        _common(q)
+
     cv = sub.add_parser("convert", help="training checkpoint -> weights-only .safetensors")
     cv.add_argument("src", help="checkpoint file or hub id")
     cv.add_argument("dst", help="output .safetensors path")
@@ -262,9 +279,104 @@ def cmd_convert(args) -> int:
     return 0
 
 
+class _ImageDataset:
+    """Paths -> preprocessed tensors for a DataLoader; unreadable files raise a UsageError naming them."""
+
+    def __init__(self, paths, preprocess):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return _open_images([self.paths[i]], self.preprocess)[0]
+
+
+def _encode_images(model, preprocess, paths, args, device):
+    """(N, D) L2-normalised image embeddings and images/s."""
+    import time
+
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    loader = DataLoader(_ImageDataset(paths, preprocess), batch_size=args.batch_size, num_workers=args.num_workers)
+    chunks, t0 = [], time.perf_counter()
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="images", unit="batch"):
+            chunks.append(torch.nn.functional.normalize(model.encode_image(batch.to(device)).float(), dim=-1))
+    emb = torch.cat(chunks)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return emb, len(paths) / (time.perf_counter() - t0)
+
+
+def _read_lines(path, what):
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        lines = [ln.strip() for ln in f if ln.strip()]
+    if not lines:
+        raise UsageError(f"{what} file is empty: {path}")
+    return lines
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from . import evaluate
+
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise UsageError("--batch-size must be >= 1 and --num-workers >= 0")
+    if args.task == "zeroshot":
+        folders, samples = evaluate.image_folder(args.data)
+        classnames = ([c.replace("_", " ") for c in folders] if not args.classnames
+                      else _read_lines(args.classnames, "class-name"))
+        if len(classnames) != len(folders):
+            raise UsageError(f"--classnames has {len(classnames)} names for {len(folders)} class folders")
+        templates = _read_lines(args.templates, "template") if args.templates else evaluate.imagenet_templates()
+        for t in templates:
+            check_template(t)
+    else:
+        images, captions, owner = evaluate.caption_csv(args.data)
+        for p in images:
+            if not os.path.isfile(p):
+                raise UsageError(f"image not found: {p} (listed in {args.data})")
+    model, preprocess, tokenizer = _load(args)
+    device = next(model.parameters()).device
+    if args.task == "zeroshot":
+        weights = evaluate.zeroshot_classifier(model, tokenizer, classnames, templates, device, args.batch_size)
+        emb, rate = _encode_images(model, preprocess, [p for p, _ in samples], args, device)
+        targets = torch.tensor([c for _, c in samples], device=emb.device)
+        metrics = evaluate.classification_metrics(emb @ weights.T, targets)
+        task = "zeroshot_classification"
+    else:
+        emb, rate = _encode_images(model, preprocess, images, args, device)
+        with torch.no_grad():
+            txt = torch.cat([model.encode_text(tokenizer(captions[i:i + args.batch_size]).to(device)).float()
+                             for i in range(0, len(captions), args.batch_size)])
+        txt = torch.nn.functional.normalize(txt, dim=-1)
+        metrics = evaluate.retrieval_metrics(emb, txt, torch.tensor(owner, device=emb.device))
+        task = "zeroshot_retrieval"
+    result = {"dataset": os.path.basename(os.path.normpath(args.data)), "model": "diffclip",
+              "pretrained": args.checkpoint, "task": task, "metrics": metrics, "images_per_s": rate,
+              "backend": model.attn_backend, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+              "device": str(device)}
+    for k, v in metrics.items():
+        print(f"{k}: {v:.4f}")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            raise UsageError(f"--json folder does not exist: {folder}")
+        with AtomicOutputs(folder, [os.path.basename(args.json)]) as out:
+            with open(out.path(os.path.basename(args.json)), "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=2)
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"zero-shot": cmd_zero_shot, "embed": cmd_embed, "convert": cmd_convert}[args.command]
+    handler = {"zero-shot": cmd_zero_shot, "embed": cmd_embed, "convert": cmd_convert, "eval": cmd_eval}[args.command]
     try:
         return handler(args)
     except (UsageError, FileNotFoundError, ValueError, TypeError, RuntimeError, OSError) as e:

@@ -1,0 +1,106 @@
+"""Zero-shot classification and image-text retrieval metrics, in CLIP Benchmark's conventions (single process).
+
+- Zero-shot: per class, the mean of the L2-normalised text embeddings over the prompt templates, normalised again;
+  metrics `acc1`, `acc5` (top-k capped at the number of classes) and `mean_per_class_recall`.
+- Retrieval: `image_retrieval_recall@k` (a caption finds its image among the top k images) and
+  `text_retrieval_recall@k` (an image finds any of its captions among the top k captions), k capped at the
+  candidate count.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import torch
+import torch.nn.functional as F
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def imagenet_templates() -> list[str]:
+    """The 80 ImageNet prompt templates of the CLIP paper (as shipped by open_clip), with `{}` for the class."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+
+
+def image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """(class folder names in sorted order, [(image path, class index)]), as torchvision's ImageFolder orders
+    them. Raises ValueError for a missing folder, no class folders or an empty class."""
+    if not os.path.isdir(root):
+        raise ValueError(f"not a folder: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise ValueError(f"no class sub-folders in {root} (expected one folder per class)")
+    samples = []
+    for i, c in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(IMAGE_SUFFIXES))
+        if not files:
+            raise ValueError(f"class folder {os.path.join(root, c)} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        samples += [(os.path.join(root, c, f), i) for f in files]
+    return classes, samples
+
+
+def caption_csv(path: str) -> tuple[list[str], list[str], list[int]]:
+    """(unique image paths in order of first appearance, captions, caption -> image index) from a CSV with the
+    columns `image` (relative to the CSV's folder) and `caption`."""
+    if not os.path.isfile(path):
+        raise ValueError(f"CSV not found: {path}")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"image", "caption"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path} lacks the column(s) {', '.join(sorted(missing))} (needs a header with image, "
+                             f"caption; found {reader.fieldnames})")
+        rows = [(r["image"], r["caption"]) for r in reader]
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    base = os.path.dirname(os.path.abspath(path))
+    images, index, captions, owner = [], {}, [], []
+    for image, caption in rows:
+        full = os.path.join(base, image)
+        if full not in index:
+            index[full] = len(images)
+            images.append(full)
+        captions.append(caption)
+        owner.append(index[full])
+    return images, captions, owner
+
+
+@torch.no_grad()
+def zeroshot_classifier(model, tokenizer, classnames, templates, device, batch_size=256) -> torch.Tensor:
+    """(classes, D): per class, the mean of the normalised template embeddings, normalised again."""
+    weights = []
+    for name in classnames:
+        texts = [t.format(name) for t in templates]
+        emb = torch.cat([model.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float()
+                         for i in range(0, len(texts), batch_size)])
+        weights.append(F.normalize(F.normalize(emb, dim=-1).mean(0), dim=-1))
+    return torch.stack(weights)
+
+
+def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """acc1, acc5 (k capped at the class count) and mean per-class recall (classes present in `targets`)."""
+    n_classes = logits.shape[1]
+    topk = logits.topk(min(5, n_classes), dim=1).indices
+    hit = topk == targets[:, None]
+    pred = topk[:, 0]
+    recalls = [(pred[targets == c] == c).float().mean().item() for c in targets.unique().tolist()]
+    return {"acc1": hit[:, :1].any(1).float().mean().item(), "acc5": hit.any(1).float().mean().item(),
+            "mean_per_class_recall": sum(recalls) / len(recalls)}
+
+
+def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, owner: torch.Tensor, ks=(1, 5, 10)):
+    """Recall@k both ways from normalised embeddings; `owner[j]` is the image index of caption j."""
+    scores = text_emb @ image_emb.T  # (captions, images)
+    positive = owner[:, None] == torch.arange(image_emb.shape[0], device=owner.device)[None, :]
+    out = {}
+    for k in ks:
+        ki = min(k, image_emb.shape[0])
+        top_images = scores.topk(ki, dim=1).indices  # per caption
+        out[f"image_retrieval_recall@{k}"] = positive.gather(1, top_images).any(1).float().mean().item()
+        kt = min(k, text_emb.shape[0])
+        top_texts = scores.T.topk(kt, dim=1).indices  # per image
+        out[f"text_retrieval_recall@{k}"] = positive.T.gather(1, top_texts).any(1).float().mean().item()
+    return out
