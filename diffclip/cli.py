@@ -292,20 +292,61 @@ class _ImageDataset:
         return _open_images([self.paths[i]], self.preprocess)[0]
 
 
-def _encode_images(model, preprocess, paths, args, device):
-    """(N, D) L2-normalised image embeddings and images/s."""
+def _world():
+    """(rank, world size) under torchrun (initialising the process group: NCCL on CUDA, gloo on CPU), else (0, 1)."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        use_nccl = torch.cuda.is_available() and dist.is_nccl_available()
+        if use_nccl:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if use_nccl else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _gather_rows(local, n_total, rank, world):
+    """Rows sharded as items[rank::world] on each rank -> all rows in the original order, on every rank."""
+    import torch
+    import torch.distributed as dist
+
+    if world == 1:
+        return local
+    per_rank = -(-n_total // world)
+    comm_device = local.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    padded = torch.zeros(per_rank, local.shape[1], dtype=local.dtype, device=comm_device)
+    padded[: local.shape[0]] = local.to(comm_device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    out = torch.empty(n_total, local.shape[1], dtype=local.dtype, device=comm_device)
+    for r in range(world):
+        n_r = len(range(r, n_total, world))
+        out[r::world] = parts[r][:n_r]
+    return out.to(local.device)
+
+
+def _encode_images(model, preprocess, paths, args, device, rank=0, world=1):
+    """(N, D) L2-normalised image embeddings of all paths, in order, and images/s. Under torchrun each rank encodes
+    paths[rank::world] and the embeddings are all-gathered."""
     import time
 
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    loader = DataLoader(_ImageDataset(paths, preprocess), batch_size=args.batch_size, num_workers=args.num_workers)
+    shard = paths[rank::world]
+    loader = DataLoader(_ImageDataset(shard, preprocess), batch_size=args.batch_size, num_workers=args.num_workers)
     chunks, t0 = [], time.perf_counter()
     with torch.no_grad():
-        for batch in tqdm(loader, desc="images", unit="batch"):
+        for batch in tqdm(loader, desc="images", unit="batch", disable=rank != 0):
             chunks.append(torch.nn.functional.normalize(model.encode_image(batch.to(device)).float(), dim=-1))
-    emb = torch.cat(chunks)
+    dim = model.config.embed_dim
+    local = torch.cat(chunks) if chunks else torch.zeros(0, dim, device=device)
+    emb = _gather_rows(local, len(paths), rank, world)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return emb, len(paths) / (time.perf_counter() - t0)
@@ -342,16 +383,19 @@ def cmd_eval(args) -> int:
         for p in images:
             if not os.path.isfile(p):
                 raise UsageError(f"image not found: {p} (listed in {args.data})")
+    rank, world = _world()
+    if world > 1 and args.device is None and torch.cuda.is_available():
+        args.device = f"cuda:{torch.cuda.current_device()}"
     model, preprocess, tokenizer = _load(args)
     device = next(model.parameters()).device
     if args.task == "zeroshot":
         weights = evaluate.zeroshot_classifier(model, tokenizer, classnames, templates, device, args.batch_size)
-        emb, rate = _encode_images(model, preprocess, [p for p, _ in samples], args, device)
+        emb, rate = _encode_images(model, preprocess, [p for p, _ in samples], args, device, rank, world)
         targets = torch.tensor([c for _, c in samples], device=emb.device)
         metrics = evaluate.classification_metrics(emb @ weights.T, targets)
         task = "zeroshot_classification"
     else:
-        emb, rate = _encode_images(model, preprocess, images, args, device)
+        emb, rate = _encode_images(model, preprocess, images, args, device, rank, world)
         with torch.no_grad():
             txt = torch.cat([model.encode_text(tokenizer(captions[i:i + args.batch_size]).to(device)).float()
                              for i in range(0, len(captions), args.batch_size)])
@@ -362,6 +406,9 @@ def cmd_eval(args) -> int:
               "pretrained": args.checkpoint, "task": task, "metrics": metrics, "images_per_s": rate,
               "backend": model.attn_backend, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
               "device": str(device)}
+    result["processes"] = world
+    if rank != 0:  # rank 0 prints and writes
+        return 0
     for k, v in metrics.items():
         print(f"{k}: {v:.4f}")
     if args.json:
@@ -382,6 +429,12 @@ def main(argv=None) -> int:
     except (UsageError, FileNotFoundError, ValueError, TypeError, RuntimeError, OSError) as e:
         print(f"diffclip: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if "torch.distributed" in sys.modules:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -116,3 +116,56 @@ def test_eval_user_errors_exit_2(tmp_path, capsys):
         assert main(args + ["--checkpoint", ck, "--backend", "eager"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("diffclip: error:") and words in err[-1], err
+
+
+def test_torchrun_two_processes_give_the_single_process_metrics(tmp_path, model_bits):
+    """`torchrun --nproc-per-node 2 -m diffclip eval ...` (gloo on CPU): images sharded by rank, embeddings
+    all-gathered, rank 0 writes; the metrics equal one process's."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "data"
+    for c, name in enumerate(["a_b", "c", "d"]):
+        (root / name).mkdir(parents=True)
+        for j in range(3 + c):  # 12 images: an uneven split over 2 ranks per class, even overall
+            _img(root / name / f"{j}.png", 7 * c + j)
+    _img(root / "d" / "extra.png", 99)  # 13 images: ranks get 7 and 6
+    ck = need(TINY_CKPT)
+    common = ["eval", "zeroshot", "--data", str(root), "--checkpoint", ck, "--backend", "eager", "--batch-size", "2"]
+    assert main(common + ["--json", str(tmp_path / "one.json")]) == 0
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=repo, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29517", "-m", "diffclip", *common, "--json", str(tmp_path / "two.json")],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    for k, v in one["metrics"].items():
+        assert two["metrics"][k] == pytest.approx(v, abs=1e-6), k
+    assert proc.stdout.count("acc1:") == 1  # only rank 0 prints
+
+
+def test_gather_restores_the_original_order(monkeypatch):
+    """Rank r holds rows r, r+world, ...; the gathered tensor is in the original order (13 rows, 3 ranks)."""
+    import torch.distributed as dist
+
+    from diffclip.cli import _gather_rows
+
+    full = torch.arange(13 * 2, dtype=torch.float32).view(13, 2)
+    world = 3
+    per_rank = -(-13 // world)
+
+    def fake_all_gather(parts, padded):
+        for r in range(world):
+            shard = full[r::world]
+            parts[r].zero_()
+            parts[r][: shard.shape[0]] = shard
+
+    monkeypatch.setattr(dist, "all_gather", fake_all_gather)
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+    out = _gather_rows(full[1::world], 13, 1, world)
+    assert torch.equal(out, full) and per_rank == 5
