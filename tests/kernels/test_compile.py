@@ -4,7 +4,8 @@ and ptxas must report no spill stores or loads. Triton's interpreter accepts cod
 it green.
 
 The compilation runs once, in a subprocess without TRITON_INTERPRET (the interpreter's @triton.jit objects cannot
-be compiled), through `python -m kernels.compile_check --json`. Select with `pytest -m aot` (test names also contain "compile").
+be compiled), through `python -m kernels.compile_check --json`. Select with `pytest -m aot` (test names also
+contain "compile").
 """
 
 import json
