@@ -45,18 +45,6 @@ DEVICE_CHECK_SHAPES = [("vision", 256, 6, 197, 64, False), ("text", 256, 4, 77, 
 SMOKE_SHAPES = [("smoke-vision", 2, 2, 33, 16, False), ("smoke-text", 2, 2, 17, 16, True)]
 
 
-def _inputs(B, H, N, d, dtype, device, grad):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    # Strided like a model's projections: (B, N, 2H·d) viewed and transposed.
-    q = torch.randn(B, N, 2 * H * d, generator=g).to(device, dtype).view(B, N, 2 * H, d).transpose(1, 2)
-    k = torch.randn(B, N, 2 * H * d, generator=g).to(device, dtype).view(B, N, 2 * H, d).transpose(1, 2)
-    v = torch.randn(B, N, 2 * H * d, generator=g).to(device, dtype).view(B, N, H, 2 * d).transpose(1, 2)
-    lam = torch.tensor(0.8, device=device)
-    if grad:
-        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    return q, k, v, lam
-
-
 _REFERENCE_CACHE: dict = {}
 
 
@@ -96,7 +84,7 @@ def run_case(provider, label, B, H, N, d, causal, dtype_name, mode, device):
     fn = PROVIDERS[provider]
     grad = mode != "fwd"
     try:
-        q, k, v, lam = _inputs(B, H, N, d, dtype, device, grad)
+        q, k, v, lam = common.qkv_inputs(B, H, N, d, dtype, device, grad)
         row["rel_err"] = _check(fn, q, k, v, lam, causal, mode)
         limit = 1e-4 if dtype == torch.float32 else 2e-2
         if not row["rel_err"] <= limit:
@@ -121,7 +109,8 @@ def run_case(provider, label, B, H, N, d, causal, dtype_name, mode, device):
         if provider == "triton":  # the configs autotuning chose for this case (latest launch of each kernel)
             from kernels import configs
 
-            row["configs"] = {k: configs.LAST_CONFIG.get(k) for k in (("fwd",) if mode == "fwd" else configs.KERNELS)}
+            row["configs"] = {k: configs.describe(configs.LAST_CONFIG[k])
+                              for k in (("fwd",) if mode == "fwd" else configs.KERNELS)}
     except torch.cuda.OutOfMemoryError:
         row["skipped"] = "out of memory"
         torch.cuda.empty_cache()

@@ -28,6 +28,19 @@ def setup_interpreter() -> bool:
     return True
 
 
+def qkv_inputs(B, H, N, d, dtype, device, grad=False):
+    """Deterministic q, k (B, 2H, N, d) and v (B, H, N, 2d), strided like a model's projections ((B, N, 2H·d)
+    viewed and transposed), and λ = 0.8 as a 0-d tensor."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(B, N, 2 * H * d, generator=g).to(device, dtype).view(B, N, 2 * H, d).transpose(1, 2)
+    k = torch.randn(B, N, 2 * H * d, generator=g).to(device, dtype).view(B, N, 2 * H, d).transpose(1, 2)
+    v = torch.randn(B, N, 2 * H * d, generator=g).to(device, dtype).view(B, N, H, 2 * d).transpose(1, 2)
+    lam = torch.tensor(0.8, device=device)
+    if grad:
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    return q, k, v, lam
+
+
 def flops_fwd(B, H, N, d, causal) -> float:
     """Forward FLOPs: 12·N²·d per diff-head (two QKᵀ of 2N²d, two P·V of 2N²·2d), halved when causal."""
     return 12.0 * B * H * N * N * d * (0.5 if causal else 1.0)

@@ -20,20 +20,11 @@ REDUCED = [("vision", 256, 6, 197, 64, False), ("long-d128", 4, 8, 4096, 128, Fa
 SMOKE = [("smoke", 1, 1, 40, 16, True)]
 
 
-def _inputs(B, H, N, d, dtype, device):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    q = torch.randn(B, N, 2 * H * d, generator=g).to(device, dtype).view(B, N, 2 * H, d).transpose(1, 2)
-    k = torch.randn(B, N, 2 * H * d, generator=g).to(device, dtype).view(B, N, 2 * H, d).transpose(1, 2)
-    v = torch.randn(B, N, 2 * H * d, generator=g).to(device, dtype).view(B, N, H, 2 * d).transpose(1, 2)
-    return q, k, v
-
-
 def _time_config(kernel, cfg, fixed, shape, dtype, device):
     from kernels import configs, diff_attn
 
     label, B, H, N, d, causal = shape
-    q, k, v = _inputs(B, H, N, d, dtype, device)
-    lam = torch.tensor(0.8, device=device)
+    q, k, v, lam = common.qkv_inputs(B, H, N, d, dtype, device)
     with configs.force_configs(**dict(fixed, **{kernel: cfg})):
         if kernel == "fwd":
             def step():

@@ -13,7 +13,7 @@ import string
 import sys
 import tempfile
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+from .image import IMAGE_SUFFIXES
 
 
 class UsageError(Exception):
@@ -217,14 +217,7 @@ def cmd_embed(args) -> int:
     odd = [p for p in paths if "\n" in p or "\r" in p]
     if odd:  # paths.txt holds one path per line: a newline in a name would misalign every row after it
         raise UsageError(f"file name with a line break in {args.dir}: {odd[0]!r}; rename it")
-    captions = None
-    if args.text:
-        if not os.path.isfile(args.text):
-            raise UsageError(f"caption file not found: {args.text}")
-        with open(args.text, encoding="utf-8") as f:
-            captions = [line.strip() for line in f if line.strip()]
-        if not captions:
-            raise UsageError(f"caption file is empty: {args.text}")
+    captions = _read_lines(args.text, "caption") if args.text else None
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} exists and is not a folder")
     model, preprocess, tokenizer = _load(args)

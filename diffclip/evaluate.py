@@ -15,7 +15,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+from .image import IMAGE_SUFFIXES
+
 
 
 def imagenet_templates() -> list[str]:

@@ -222,7 +222,7 @@ def fixed_config(kernel: str, p: Problem) -> triton.Config:
     return rows[0].config()
 
 
-# kernel -> description of the config of its latest launch (benchmarks record what autotuning chose)
+# kernel -> the Config of its latest launch (benchmarks record what autotuning chose, via `describe`)
 LAST_CONFIG: dict = {}
 
 
@@ -242,8 +242,7 @@ def launch(kernel: str, autotuned, grid, args, kwargs, p: Problem) -> triton.Con
     else:
         autotuned[grid](*args, **kwargs)
         cfg = autotuned.best_config
-    if isinstance(cfg, triton.Config):
-        LAST_CONFIG[kernel] = describe(cfg)
+    LAST_CONFIG[kernel] = cfg
     return cfg
 
 

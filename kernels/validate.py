@@ -14,8 +14,9 @@ import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
-# The kernels address a tile as a 64-bit scalar base (batch, head, first row) plus 32-bit in-tile offsets
-# (row·stride_n + col·stride_d, rows < 128, cols < 256). Strides along N and d up to 2^22 elements keep those offsets
+# The forward and the backward's preprocess address a tile as a 64-bit scalar base (batch, head, first row) plus
+# 32-bit in-tile offsets (row·stride_n + col·stride_d, rows < 128, cols < 256; the dK/dV and dQ loops use 64-bit
+# row offsets throughout). Strides along N and d up to 2^22 elements keep those offsets
 # below 2^31 (382·2^22 < 2^31); sequences of any length are fine. Larger strides are refused, not wrapped.
 MAX_TILE_STRIDE = 2**22
 

@@ -6,11 +6,10 @@ import sys
 
 import pytest
 import torch
+from tiny import TINY
 
-from diffclip import DiffCLIP, DiffCLIPConfig, backends
+from diffclip import DiffCLIP, backends
 
-TINY = DiffCLIPConfig(embed_dim=16, vision_width=32, vision_img_size=32, vision_patch_size=16, vision_depth=1,
-                      vision_heads=2, vocab_size=50, context_length=8, text_width=32, text_heads=2, text_layers=1)
 
 
 def test_unknown_backend_lists_valid_ones():

@@ -1,15 +1,16 @@
 """torch.compile(fullgraph=True) over both encoders with every attention backend: the backend choice and the λ
 computation must not break the graph (aot_eager on CPU; Inductor on CUDA)."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import DEVICE
+from tiny import TINY as TINY1
 
-from diffclip import DiffCLIP, DiffCLIPConfig
+from diffclip import DiffCLIP
 
-# Head dim 16 (a kernel head dim); two layers per encoder.
-TINY = DiffCLIPConfig(embed_dim=16, vision_width=32, vision_img_size=32, vision_patch_size=16, vision_depth=2,
-                      vision_heads=2, vocab_size=50, context_length=8, text_width=32, text_heads=2, text_layers=2)
+TINY = dataclasses.replace(TINY1, vision_depth=2, text_layers=2)  # two layers per encoder
 BACKEND = "inductor" if DEVICE == "cuda" else "aot_eager"
 
 

@@ -3,11 +3,10 @@ image on a 64 px model) or cryptic PyTorch errors (uint8 pixels, float or out-of
 
 import pytest
 import torch
+from tiny import TINY
 
-from diffclip import DiffCLIP, DiffCLIPConfig
+from diffclip import DiffCLIP
 
-TINY = DiffCLIPConfig(embed_dim=16, vision_width=32, vision_img_size=32, vision_patch_size=16, vision_depth=1,
-                      vision_heads=2, vocab_size=50, context_length=8, text_width=32, text_heads=2, text_layers=1)
 
 
 @pytest.fixture(scope="module")
