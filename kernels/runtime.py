@@ -17,9 +17,14 @@ CPU_HINT = (
 )
 
 
+# Looked up once, at import: torch.compile (Dynamo, torch <= 2.11) refuses to trace `importlib.util.find_spec`, and
+# this is read on every call of the triton backend, also inside compiled models.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
     """True when the `triton` package can be imported (it is not imported here)."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def interpreter_enabled() -> bool:

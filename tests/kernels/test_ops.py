@@ -108,6 +108,20 @@ def test_compile_keeps_python_number_and_per_head_lambdas():
         assert_close(out, ref, torch.float32, FWD, f"lam={lam}")
 
 
+def test_backend_checks_trace_for_a_cuda_device():
+    """The availability checks the wrapper and the model run on every call must trace under fullgraph for a CUDA
+    tensor's device too. The first H200 run found torch 2.11's Dynamo refusing `importlib.util.find_spec` there
+    (CPU CI, on the interpreter branch and a newer torch, had passed); it is now looked up once, at import."""
+    cuda = torch.device("cuda")
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        ok = kernels.triton_available() and kernels.triton_unavailable_reason(cuda) is None
+        return x + (1 if ok else 2)
+
+    f(torch.ones(2))
+
+
 def test_eager_errors_unchanged_by_registration():
     q, k, v = make_qkv(1, 1, 8, 16, torch.float32, DEVICE)
     with pytest.raises(ValueError, match="v must have shape"):
