@@ -74,7 +74,7 @@ def run_case(provider, label, B, H, N, d, causal, dtype_name, mode, device):
 
     dtype = DTYPES[dtype_name]
     row = dict(provider=provider, shape=label, B=B, H=H, N=N, d=d, causal=causal, dtype=dtype_name, mode=mode,
-               ms=None, tflops=None, peak_mb=None, rel_err=None, skipped=None)
+               ms=None, host_ms=None, tflops=None, peak_mb=None, rel_err=None, skipped=None)
     reason = skip_reason(provider, device)
     if reason is None and provider == "eager" and B * 2 * H * N * N * 4 > 16 * 2**30:
         reason = "eager would materialise > 16 GiB of attention maps"
@@ -106,6 +106,8 @@ def run_case(provider, label, B, H, N, d, causal, dtype_name, mode, device):
         row["ms"] = common.bench_ms(step, grad_to_none=grads)
         row["tflops"] = common.flops(mode, B, H, N, d, causal) / (row["ms"] * 1e-3) / 1e12
         row["peak_mb"] = common.peak_memory_mb(step)
+        # The host's share: a case whose ms is close to host_ms is launch-bound (small N), not kernel-bound.
+        row["host_ms"] = common.host_ms(step)
         if provider == "triton":  # the configs autotuning chose for this case (latest launch of each kernel)
             from kernels import configs
 
@@ -221,6 +223,8 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny shapes, fp32, runs on CPU (Triton interpreter)")
     p.add_argument("--sweep", choices=["full", "reduced"], help="also time every default config of each kernel at "
                    "a few shapes (benchmarks/sweep.py; reduced: vision and N=4096 d=128), first --dtypes entry")
+    p.add_argument("--sweep-budget-s", type=float, help="stop starting sweep rows after this many seconds (each "
+                   "new config compiles first); the rows not run are recorded as skipped")
     p.add_argument("--json", help="write results here")
     p.add_argument("--plot", help="write a PNG plot here")
     args = p.parse_args(argv)
@@ -258,25 +262,27 @@ def main(argv=None):
     print()
     common.print_table(rows, [("shape", "shape", "13"), ("B", "B", "d"), ("N", "N", "d"), ("d", "d", "d"),
                               ("dtype", "dtype", "5"), ("mode", "mode", "8"), ("provider", "provider", "8"),
-                              ("ms", "ms", ".3f"), ("tflops", "TFLOP/s", ".1f"), ("peak_mb", "peak MB", ".0f"),
+                              ("ms", "ms", ".3f"), ("host_ms", "host ms", ".3f"), ("tflops", "TFLOP/s", ".1f"), ("peak_mb", "peak MB", ".0f"),
                               ("speedup_vs_eager", "x eager", ".2f"), ("speedup_vs_sdpa2", "x sdpa2", ".2f")])
     targets = evaluate_targets(rows)
     for t in targets:
         print(f"target {t['target']}: {t['value']} -> {'met' if t['met'] else 'NOT met'}")
-    sweep_rows = []
-    if args.sweep:
-        from . import sweep
-
-        sweep_shapes = sweep.SMOKE if args.smoke else (sweep.FULL if args.sweep == "full" else sweep.REDUCED)
-        sweep_rows = sweep.run_sweep(sweep_shapes, dtypes[0], device)
-        for shape, kernels_ in sweep.winners(sweep_rows).items():
-            print(f"sweep winner {shape}: " + "; ".join(f"{k} {c}" for k, c in kernels_.items()))
-    extra = {"benchmark": "diff_attn", "smoke": args.smoke, "targets": targets, "sweep": sweep_rows,
+    extra = {"benchmark": "diff_attn", "smoke": args.smoke, "targets": targets, "sweep": [],
              "flops": {"fwd": "12*N^2*d per diff-head", "bwd": "20*N^2*d per diff-head", "causal": "halved"}}
+    # Written before the sweep too: a sweep cut short by a time limit must not take the main table with it.
     if args.json:
         common.write_json(args.json, env, rows, extra)
     if args.plot:
         plot(rows, args.plot, env["device"])
+    if args.sweep:
+        from . import sweep
+
+        sweep_shapes = sweep.SMOKE if args.smoke else (sweep.FULL if args.sweep == "full" else sweep.REDUCED)
+        extra["sweep"] = sweep.run_sweep(sweep_shapes, dtypes[0], device, budget_s=args.sweep_budget_s)
+        for shape, kernels_ in sweep.winners(extra["sweep"]).items():
+            print(f"sweep winner {shape}: " + "; ".join(f"{k} {c}" for k, c in kernels_.items()))
+        if args.json:
+            common.write_json(args.json, env, rows, extra)
     return 0
 
 

@@ -101,6 +101,23 @@ def bench_ms(fn, *, grad_to_none=None) -> float:
     return statistics.median(times)
 
 
+def host_ms(fn, *, calls: int = 20) -> float | None:
+    """Host (CPU) milliseconds per call: the Python, dispatcher and launch cost alone. The GPU is first given a long
+    sleep, so every launch only queues and no call waits on the device; `bench_ms` near this value means the case
+    is bound by launch overhead, not by the kernels (None on CPU, where there is no such split)."""
+    if not torch.cuda.is_available():
+        return None
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU clock cycles: longer than the calls below take to enqueue
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e3
+
+
 def peak_memory_mb(fn) -> float | None:
     """Peak CUDA memory allocated while `fn` runs, above what was allocated before (None on CPU)."""
     if not torch.cuda.is_available():

@@ -9,6 +9,8 @@ config (the first fitting row), so differences within a kernel's rows come from 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from . import common
@@ -42,9 +44,12 @@ def _time_config(kernel, cfg, fixed, shape, dtype, device):
         return common.bench_ms(step, grad_to_none=grads)
 
 
-def run_sweep(shapes, dtype_name, device):
-    """One row per (shape, kernel, fitting config): ms, or the reason it failed."""
+def run_sweep(shapes, dtype_name, device, budget_s=None):
+    """One row per (shape, kernel, fitting config): ms, or the reason it failed. With `budget_s`, rows not started
+    within that many seconds are recorded as skipped (a bounded run on lent device time)."""
     from kernels import configs
+
+    deadline = None if budget_s is None else time.monotonic() + budget_s
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     sm = configs.device_sm(device)
@@ -60,7 +65,10 @@ def run_sweep(shapes, dtype_name, device):
                 row = dict(sweep=True, shape=label, B=B, H=H, N=N, d=d, causal=causal, dtype=dtype_name,
                            kernel=kernel, config=configs.describe(r.config()), ms=None, skipped=None)
                 try:
-                    row["ms"] = _time_config(kernel, r.config(), fixed, shape, dtype, device)
+                    if deadline is not None and time.monotonic() > deadline:
+                        row["skipped"] = f"sweep time budget ({budget_s:g} s) spent"
+                    else:
+                        row["ms"] = _time_config(kernel, r.config(), fixed, shape, dtype, device)
                 except torch.cuda.OutOfMemoryError:
                     row["skipped"] = "out of memory"
                     torch.cuda.empty_cache()

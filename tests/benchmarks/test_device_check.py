@@ -21,9 +21,14 @@ def test_device_check_dry_run(tmp_path):
     assert "dry run" in proc.stdout
     files = sorted(os.listdir(tmp_path))
     assert files == ["bench_diff_attn.json", "bench_diff_attn.log", "bench_diff_attn.png", "bench_model.json",
-                     "bench_model.log", "bench_model.png", "environment.txt", "gpu_tests.log"]
+                     "bench_model.log", "environment.txt", "gpu_tests.log", "profile.json"]
     assert len(files) <= 8  # the device tool returns at most 8 files from $OUT
     op = json.loads((tmp_path / "bench_diff_attn.json").read_text())
     assert {r["provider"] for r in op["rows"]} == {"triton", "eager", "sdpa2", "sdpa4"}
     assert {r["mode"] for r in op["rows"]} == {"fwd", "fwd+bwd"}
     assert op["sweep"] and all(r["ms"] for r in op["sweep"])  # the reduced config sweep ran (smoke shape on CPU)
+    assert all("host_ms" in r for r in op["rows"])
+    prof = json.loads((tmp_path / "profile.json").read_text())
+    assert [(r["provider"], "skipped" in r) for r in prof["rows"]] == [("triton", False), ("sdpa2", False)]
+    log = (tmp_path / "gpu_tests.log").read_text()
+    assert "===== kernels tests: exit 0" in log and "===== model tests: exit" in log

@@ -91,3 +91,42 @@ def test_targets_are_evaluated_from_rows():
     assert got["vision fwd >= 6x eager (B=256)"]["met"]
     assert got["N=4096 fwd >= 350 TFLOP/s (B=4)"]["met"]
     assert not any(k.startswith("text") for k in got)  # no rows, no verdict
+
+
+def test_sweep_budget_skips_rows_and_main_table_is_written_first(tmp_path, monkeypatch):
+    """A spent sweep budget records the remaining rows as skipped; the main table is on disk before the sweep
+    starts, so a sweep killed by a time limit (as on the first device run) keeps it."""
+    from benchmarks import sweep
+
+    out = tmp_path / "op.json"
+    seen = {}
+
+    def spy(shapes, dtype_name, device, budget_s=None):
+        seen["on_disk"] = json.loads(out.read_text())["rows"]
+        return real(shapes, dtype_name, device, budget_s=0.0)
+
+    real = sweep.run_sweep
+    monkeypatch.setattr(sweep, "run_sweep", spy)
+    assert bench_diff_attn.main(["--smoke", "--modes", "fwd", "--providers", "triton", "--sweep", "reduced",
+                                 "--sweep-budget-s", "0", "--json", str(out)]) == 0
+    assert seen["on_disk"] and {r["provider"] for r in seen["on_disk"]} == {"triton"}
+    rows = json.loads(out.read_text())["sweep"]
+    assert rows and all(r["ms"] is None and "time budget" in r["skipped"] for r in rows)
+
+
+def test_host_ms_is_none_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    assert common.host_ms(lambda: None) is None
+
+
+def test_profile_smoke_writes_json(tmp_path):
+    from benchmarks import profile_op
+
+    out = tmp_path / "prof.json"
+    assert profile_op.main(["--smoke", "--providers", "triton,sdpa2", "--steps", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["provider"] for r in rows] == ["triton", "sdpa2"]
+    for r in rows:
+        assert "skipped" not in r, r
+        assert r["host_us_per_step"] > 0 and r["top_host"] and r["steps"] == 2
