@@ -2,8 +2,8 @@
 (`diffclip`).
 
 `pip install -e .` gives the kernel and the model's eager/SDPA paths; `.[clip]` adds the tokenizer, image
-preprocessing, checkpoint download and the `diffclip` command line; `.[dev]` adds everything plus the test and
-benchmark tools.
+preprocessing, checkpoint download and the `diffclip` command line; `.[eval]` adds LAION's CLIP Benchmark for
+`diffclip eval --dataset NAME`; `.[dev]` adds everything plus the test and benchmark tools.
 """
 
 from pathlib import Path
@@ -19,6 +19,9 @@ CLIP = [
     "numpy",
     "tqdm",
 ]
+# `--dataset NAME` of `diffclip eval`: LAION's CLIP Benchmark (the paper's protocol). Its ImageNetV2 loader imports
+# `requests` without declaring it, and its builder imports that loader for every dataset.
+EVAL = ["clip-benchmark>=1.6", "requests"]
 TEST = ["pytest>=7", "pytest-benchmark>=4"]
 BENCH = ["matplotlib"]
 
@@ -44,7 +47,8 @@ setup(
         "clip": CLIP,
         "test": TEST,
         "bench": BENCH,
-        "dev": CLIP + TEST + BENCH,
+        "eval": CLIP + EVAL,
+        "dev": CLIP + EVAL + TEST + BENCH,
     },
     entry_points={"console_scripts": ["diffclip = diffclip.cli:main"]},
     classifiers=[

@@ -13,6 +13,7 @@ import string
 import sys
 import tempfile
 
+from . import distributed
 from .image import IMAGE_SUFFIXES
 
 
@@ -54,16 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="zero-shot classification or retrieval metrics on a labelled dataset")
     evsub = ev.add_subparsers(dest="task", required=True)
-    zs_ev = evsub.add_parser("zeroshot", help="ImageFolder tree (one sub-folder per class): acc1, acc5, "
-                             "mean per-class recall")
-    zs_ev.add_argument("--data", required=True, help="folder with one sub-folder of images per class")
-    zs_ev.add_argument("--classnames", help="file with one class name per line, in sorted-folder order "
-                       "(default: the folder names, '_' read as a space)")
-    zs_ev.add_argument("--templates", help="file with one prompt template per line, {} marks the class name "
-                       "(default: the 80 ImageNet templates of CLIP)")
-    rt_ev = evsub.add_parser("retrieval", help="CSV with columns image,caption: recall@1/5/10 both ways")
-    rt_ev.add_argument("--data", required=True, help="CSV file; image paths relative to its folder")
-    for q in (zs_ev, rt_ev):
+    zs_ev = evsub.add_parser("zeroshot", help="ImageFolder tree (one sub-folder per class) or a CLIP Benchmark "
+                             "dataset: acc1, acc5, mean per-class recall")
+    zs_src = zs_ev.add_mutually_exclusive_group(required=True)
+    zs_src.add_argument("--data", help="folder with one sub-folder of images per class")
+    zs_ev.add_argument("--classnames", help="with --data: file with one class name per line, in sorted-folder "
+                       "order (default: the folder names, '_' read as a space)")
+    zs_ev.add_argument("--templates", help="with --data: file with one prompt template per line, {} marks the "
+                       "class name (default: the 80 ImageNet templates of CLIP)")
+    rt_ev = evsub.add_parser("retrieval", help="CSV with columns image,caption, or a CLIP Benchmark dataset: "
+                             "recall@1/5/10 both ways")
+    rt_src = rt_ev.add_mutually_exclusive_group(required=True)
+    rt_src.add_argument("--data", help="CSV file; image paths relative to its folder")
+    for q, src in ((zs_ev, zs_src), (rt_ev, rt_src)):
+        src.add_argument("--dataset", help="a dataset of LAION's CLIP Benchmark (imagenet1k, cifar10, "
+                         "mscoco_captions, flickr30k, wds/NAME, ...), built with its builder, class names, "
+                         "templates and metrics; needs pip install -e '.[eval]'")
+        q.add_argument("--data-root", help="with --dataset: the folder holding it (CLIP Benchmark's layout)")
+        q.add_argument("--split", help="with --dataset: the split (default: test)")
+        q.add_argument("--download", action="store_true",
+                       help="with --dataset: let CLIP Benchmark download missing files (default: refuse)")
         q.add_argument("--batch-size", type=int, default=64)
         q.add_argument("--num-workers", type=int, default=0, help="image-loading worker processes")
         q.add_argument("--json", help="write the result here (CLIP Benchmark's layout)")
@@ -207,6 +218,8 @@ def cmd_embed(args) -> int:
     import torch
     from tqdm import tqdm
 
+    from . import embeddings
+
     if not os.path.isdir(args.dir):
         raise UsageError(f"not a folder: {args.dir}")
     if args.batch_size < 1:
@@ -220,35 +233,103 @@ def cmd_embed(args) -> int:
     captions = _read_lines(args.text, "caption") if args.text else None
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} exists and is not a folder")
+    rank, world = distributed.world()
+    if world > 1 and args.device is None and torch.cuda.is_available():
+        args.device = f"cuda:{torch.cuda.current_device()}"
     model, preprocess, tokenizer = _load(args)
     device = next(model.parameters()).device
-    os.makedirs(args.out, exist_ok=True)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+    distributed.barrier(world)
 
     def finish(x):
         x = x.float()
         return (x if args.no_normalize else torch.nn.functional.normalize(x, dim=-1)).cpu().numpy()
 
-    names = ["image_embeddings.npy", "paths.txt"] + (["text_embeddings.npy", "texts.txt"] if captions else [])
-    stale = ["image_embeddings.npy", "paths.txt", "text_embeddings.npy", "texts.txt"]
-    with AtomicOutputs(args.out, names, stale) as out, torch.no_grad():
-        chunks = []
-        for i in tqdm(range(0, len(paths), args.batch_size), desc="images", unit="batch"):
-            batch = torch.stack(_open_images(paths[i:i + args.batch_size], preprocess)).to(device)
-            chunks.append(finish(model.encode_image(batch)))
-        with open(out.path("image_embeddings.npy"), "wb") as f:
-            np.save(f, np.concatenate(chunks))
-        with open(out.path("paths.txt"), "w", encoding="utf-8") as f:
-            f.write("\n".join(paths) + "\n")
-        if captions is not None:
-            chunks = [finish(model.encode_text(tokenizer(captions[i:i + args.batch_size]).to(device)))
-                      for i in tqdm(range(0, len(captions), args.batch_size), desc="texts", unit="batch")]
-            with open(out.path("text_embeddings.npy"), "wb") as f:
-                np.save(f, np.concatenate(chunks))
-            with open(out.path("texts.txt"), "w", encoding="utf-8") as f:
-                f.write("\n".join(captions) + "\n")
-    print(f"wrote {len(paths)} image embeddings" + (f" and {len(captions)} text embeddings" if captions else "")
-          + f" to {args.out}")
+    def encode(items, kind):  # this rank's share, items[rank::world], as an (n, D) array
+        mine, b = items[rank::world], args.batch_size
+        chunks = [np.zeros((0, model.config.embed_dim), dtype=np.float32)]
+        with torch.no_grad():
+            for i in tqdm(range(0, len(mine), b), desc=f"{kind}s", unit="batch", disable=rank != 0):
+                x = (torch.stack(_open_images(mine[i:i + b], preprocess)) if kind == "image"
+                     else tokenizer(mine[i:i + b]))
+                chunks.append(finish((model.encode_image if kind == "image" else model.encode_text)(x.to(device))))
+        return np.concatenate(chunks)
+
+    arrays = {"image": (encode(paths, "image"), paths)}
+    if captions is not None:
+        arrays["text"] = (encode(captions, "text"), captions)
+    if world == 1:
+        names = [n for kind in arrays for n in embeddings.SINGLE[kind]]
+        with AtomicOutputs(args.out, names, embeddings.all_output_names(args.out)) as out:
+            for kind, (array, items) in arrays.items():
+                array_name, list_name = embeddings.SINGLE[kind]
+                with open(out.path(array_name), "wb") as f:
+                    np.save(f, array)
+                with open(out.path(list_name), "w", encoding="utf-8") as f:
+                    f.write("\n".join(items) + "\n")
+    else:
+        _write_embedding_shards(args, arrays, rank, world, model.config.embed_dim)
+    if rank == 0:
+        print(f"wrote {len(paths)} image embeddings" + (f" and {len(captions)} text embeddings" if captions else "")
+              + f" to {args.out}" + (f" ({world} shards + index.json)" if world > 1 else ""))
     return 0
+
+
+def _write_embedding_shards(args, arrays, rank, world, dim):
+    """torchrun: every rank saves its shard under a temporary name; once all have (barrier), rank 0 moves them into
+    place together with the merged lists and index.json, and removes an earlier run's outputs. --out must be on a
+    file system every rank sees."""
+    import uuid
+
+    import numpy as np
+
+    from . import embeddings
+
+    run_id = distributed.gather_objects(uuid.uuid4().hex[:12], world)[0]  # rank 0's id, on every rank
+
+    def temp(name):
+        return os.path.join(args.out, f".{name}.{run_id}.part")
+
+    for kind, (array, _) in arrays.items():
+        with open(temp(embeddings.shard_name(kind, rank, world)), "wb") as f:
+            np.save(f, array)
+    distributed.barrier(world)
+    error = None
+    if rank == 0:
+        try:
+            _publish_shards(args, arrays, world, dim, temp)
+        except (UsageError, OSError) as e:
+            error = e
+    # Every rank learns rank 0's outcome (a plain barrier would leave the others waiting on a failed rank 0).
+    failed = distributed.gather_objects(None if error is None else str(error), world)[0]
+    if error is not None:
+        raise error
+    if failed:
+        raise UsageError(f"rank 0 could not publish the shards: {failed}")
+
+
+def _publish_shards(args, arrays, world, dim, temp):
+
+    from . import embeddings
+
+    shards = [embeddings.shard_name(kind, r, world) for kind in arrays for r in range(world)]
+    missing = [n for n in shards if not os.path.exists(temp(n))]
+    if missing:
+        raise UsageError(f"shards missing in {args.out} after all ranks wrote: {', '.join(missing)} (is --out on a "
+                         "file system every rank sees?)")
+    lists = [embeddings.SINGLE[kind][1] for kind in arrays]
+    stale = [n for n in embeddings.all_output_names(args.out) if n not in shards]
+    idx = embeddings.index(world, {kind: len(items) for kind, (_, items) in arrays.items()}, dim,
+                           normalized=not args.no_normalize)
+    with AtomicOutputs(args.out, lists + [embeddings.INDEX], stale) as out:
+        for kind, (_, items) in arrays.items():
+            with open(out.path(embeddings.SINGLE[kind][1]), "w", encoding="utf-8") as f:
+                f.write("\n".join(items) + "\n")
+        with open(out.path(embeddings.INDEX), "w", encoding="utf-8") as f:
+            json.dump(idx, f, indent=1)
+        for n in shards:
+            os.replace(temp(n), os.path.join(args.out, n))
 
 
 def cmd_convert(args) -> int:
@@ -285,43 +366,6 @@ class _ImageDataset:
         return _open_images([self.paths[i]], self.preprocess)[0]
 
 
-def _world():
-    """(rank, world size) under torchrun (initialising the process group: NCCL on CUDA, gloo on CPU), else (0, 1)."""
-    import torch
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        use_nccl = torch.cuda.is_available() and dist.is_nccl_available()
-        if use_nccl:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if use_nccl else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _gather_rows(local, n_total, rank, world):
-    """Rows sharded as items[rank::world] on each rank -> all rows in the original order, on every rank."""
-    import torch
-    import torch.distributed as dist
-
-    if world == 1:
-        return local
-    per_rank = -(-n_total // world)
-    comm_device = local.device if dist.get_backend() == "nccl" else torch.device("cpu")
-    padded = torch.zeros(per_rank, local.shape[1], dtype=local.dtype, device=comm_device)
-    padded[: local.shape[0]] = local.to(comm_device)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    out = torch.empty(n_total, local.shape[1], dtype=local.dtype, device=comm_device)
-    for r in range(world):
-        n_r = len(range(r, n_total, world))
-        out[r::world] = parts[r][:n_r]
-    return out.to(local.device)
-
-
 def _encode_images(model, preprocess, paths, args, device, rank=0, world=1):
     """(N, D) L2-normalised image embeddings of all paths, in order, and images/s. Under torchrun each rank encodes
     paths[rank::world] and the embeddings are all-gathered."""
@@ -339,7 +383,7 @@ def _encode_images(model, preprocess, paths, args, device, rank=0, world=1):
             chunks.append(torch.nn.functional.normalize(model.encode_image(batch.to(device)).float(), dim=-1))
     dim = model.config.embed_dim
     local = torch.cat(chunks) if chunks else torch.zeros(0, dim, device=device)
-    emb = _gather_rows(local, len(paths), rank, world)
+    emb = distributed.gather_rows(local, len(paths), rank, world)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return emb, len(paths) / (time.perf_counter() - t0)
@@ -355,6 +399,105 @@ def _read_lines(path, what):
     return lines
 
 
+def _sharded_classifier(class_fn, classnames, dim, device, rank, world):
+    """(classes, D) zero-shot weights, classes[rank::world] computed on each rank and all-gathered (per class the
+    computation is independent, so this equals one process's result)."""
+    import torch
+
+    mine = classnames[rank::world]
+    local = class_fn(mine) if mine else torch.zeros(0, dim, device=device)
+    return distributed.gather_rows(local.float(), len(classnames), rank, world)
+
+
+def _eval_folder_or_csv(args, model, preprocess, tokenizer, device, rank, world, inputs):
+    """Our own formats: an ImageFolder tree (zero-shot) or an image,caption CSV (retrieval)."""
+    import torch
+
+    from . import evaluate
+
+    if args.task == "zeroshot":
+        samples, classnames, templates = inputs
+        weights = _sharded_classifier(
+            lambda names: evaluate.zeroshot_classifier(model, tokenizer, names, templates, device, args.batch_size),
+            classnames, model.config.embed_dim, device, rank, world)
+        emb, rate = _encode_images(model, preprocess, [p for p, _ in samples], args, device, rank, world)
+        targets = torch.tensor([c for _, c in samples], device=emb.device)
+        return evaluate.classification_metrics(emb @ weights.T, targets), rate
+    images, captions, owner = inputs
+    emb, rate = _encode_images(model, preprocess, images, args, device, rank, world)
+    with torch.no_grad():
+        txt = torch.cat([model.encode_text(tokenizer(captions[i:i + args.batch_size]).to(device)).float()
+                         for i in range(0, len(captions), args.batch_size)])
+    txt = torch.nn.functional.normalize(txt, dim=-1)
+    return evaluate.retrieval_metrics(emb, txt, torch.tensor(owner, device=emb.device)), rate
+
+
+def _eval_named(args, model, preprocess, tokenizer, device, rank, world):
+    """A CLIP Benchmark dataset: its builder, class names, templates and metric code; our sharding."""
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    from . import named_datasets
+
+    task = "zeroshot_classification" if args.task == "zeroshot" else "zeroshot_retrieval"
+    nd = named_datasets.build(args.dataset, args.data_root, args.split, task, preprocess, args.download)
+    dim = model.config.embed_dim
+    if task == "zeroshot_classification":
+        weights = _sharded_classifier(
+            lambda names: named_datasets.class_embeddings(model, tokenizer, names, nd.templates, device),
+            nd.classnames, dim, device, rank, world)
+    images, extras, captions, t0 = [], [], [], time.perf_counter()
+    with torch.no_grad():
+        batches = named_datasets.rank_batches(nd, rank, world, args.batch_size, args.num_workers)
+        for batch, extra in tqdm(batches, desc="images", unit="batch", disable=rank != 0):
+            images.append(torch.nn.functional.normalize(model.encode_image(batch.to(device)).float(), dim=-1))
+            if task == "zeroshot_classification":
+                extras.append(torch.as_tensor(extra))
+                continue
+            texts = [list(t) if isinstance(t, (list, tuple)) else [t] for t in extra]
+            flat = [c for t in texts for c in t]
+            emb = torch.cat([model.encode_text(tokenizer(flat[i:i + args.batch_size]).to(device)).float()
+                             for i in range(0, len(flat), args.batch_size)]) if flat else torch.zeros(0, dim)
+            captions.append(([len(t) for t in texts], torch.nn.functional.normalize(emb, dim=-1).cpu()))
+    local = torch.cat(images) if images else torch.zeros(0, dim, device=device)
+    n_total = sum(distributed.gather_objects(local.shape[0], world))
+    if n_total == 0:
+        raise UsageError(f"{args.dataset} (split {args.split}) in {args.data_root} holds no images")
+    img = distributed.gather_rows(local, n_total, rank, world)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    rate = n_total / (time.perf_counter() - t0)
+    if task == "zeroshot_classification":
+        # Targets: class indices (N,), or (N, classes) 0/1 rows for multi-label sets; every rank must agree on the
+        # width, also one that holds no item.
+        local_t = torch.cat(extras) if extras else torch.zeros(0, dtype=torch.long)
+        multilabel = max(distributed.gather_objects(local_t.dim(), world)) == 2
+        width = len(nd.classnames) if multilabel else 1
+        rows = local_t.reshape(local_t.shape[0], width).to(device=device, dtype=torch.float64)
+        targets = distributed.gather_rows(rows, n_total, rank, world).cpu()
+        targets = targets if multilabel else targets[:, 0].long()
+        return named_datasets.classification_metrics(100.0 * img @ weights.T, targets, len(nd.classnames)), rate
+    # Captions: rank r holds images r, r+world, ...; put every image's caption block back in image order.
+    per_rank = distributed.gather_objects((
+        [n for counts, _ in captions for n in counts],
+        torch.cat([e for _, e in captions]) if captions else torch.zeros(0, dim)), world)
+    offsets = []
+    for counts, _ in per_rank:
+        offsets.append([0])
+        for n in counts:
+            offsets[-1].append(offsets[-1][-1] + n)
+    blocks, owner = [], []
+    for i in range(n_total):
+        r, p = i % world, i // world
+        a, b = offsets[r][p], offsets[r][p + 1]
+        blocks.append(per_rank[r][1][a:b])
+        owner += [i] * (b - a)
+    txt = torch.cat(blocks)
+    return named_datasets.retrieval_metrics(img, txt, torch.tensor(owner), args.batch_size), rate
+
+
 def cmd_eval(args) -> int:
     import torch
 
@@ -362,7 +505,21 @@ def cmd_eval(args) -> int:
 
     if args.batch_size < 1 or args.num_workers < 0:
         raise UsageError("--batch-size must be >= 1 and --num-workers >= 0")
-    if args.task == "zeroshot":
+    if args.dataset is not None:
+        if not args.data_root:
+            raise UsageError("--dataset needs --data-root DIR (the folder holding the dataset in CLIP Benchmark's "
+                             "layout)")
+        if args.task == "zeroshot" and (args.classnames or args.templates):
+            raise UsageError("--classnames/--templates apply to --data; --dataset uses CLIP Benchmark's class names "
+                             "and templates")
+        from . import named_datasets
+
+        named_datasets._builder()  # a missing install is reported before the model loads
+        args.split = args.split or "test"
+        inputs = None
+    elif args.data_root or args.download or args.split:
+        raise UsageError("--data-root, --split and --download apply to --dataset")
+    elif args.task == "zeroshot":
         folders, samples = evaluate.image_folder(args.data)
         classnames = ([c.replace("_", " ") for c in folders] if not args.classnames
                       else _read_lines(args.classnames, "class-name"))
@@ -371,35 +528,30 @@ def cmd_eval(args) -> int:
         templates = _read_lines(args.templates, "template") if args.templates else evaluate.imagenet_templates()
         for t in templates:
             check_template(t)
+        inputs = (samples, classnames, templates)
     else:
         images, captions, owner = evaluate.caption_csv(args.data)
         for p in images:
             if not os.path.isfile(p):
                 raise UsageError(f"image not found: {p} (listed in {args.data})")
-    rank, world = _world()
+        inputs = (images, captions, owner)
+    rank, world = distributed.world()
     if world > 1 and args.device is None and torch.cuda.is_available():
         args.device = f"cuda:{torch.cuda.current_device()}"
     model, preprocess, tokenizer = _load(args)
     device = next(model.parameters()).device
-    if args.task == "zeroshot":
-        weights = evaluate.zeroshot_classifier(model, tokenizer, classnames, templates, device, args.batch_size)
-        emb, rate = _encode_images(model, preprocess, [p for p, _ in samples], args, device, rank, world)
-        targets = torch.tensor([c for _, c in samples], device=emb.device)
-        metrics = evaluate.classification_metrics(emb @ weights.T, targets)
-        task = "zeroshot_classification"
+    if args.dataset is not None:
+        metrics, rate = _eval_named(args, model, preprocess, tokenizer, device, rank, world)
     else:
-        emb, rate = _encode_images(model, preprocess, images, args, device, rank, world)
-        with torch.no_grad():
-            txt = torch.cat([model.encode_text(tokenizer(captions[i:i + args.batch_size]).to(device)).float()
-                             for i in range(0, len(captions), args.batch_size)])
-        txt = torch.nn.functional.normalize(txt, dim=-1)
-        metrics = evaluate.retrieval_metrics(emb, txt, torch.tensor(owner, device=emb.device))
-        task = "zeroshot_retrieval"
-    result = {"dataset": os.path.basename(os.path.normpath(args.data)), "model": "diffclip",
-              "pretrained": args.checkpoint, "task": task, "metrics": metrics, "images_per_s": rate,
-              "backend": model.attn_backend, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-              "device": str(device)}
-    result["processes"] = world
+        metrics, rate = _eval_folder_or_csv(args, model, preprocess, tokenizer, device, rank, world, inputs)
+    task = "zeroshot_classification" if args.task == "zeroshot" else "zeroshot_retrieval"
+    name = args.dataset if args.dataset is not None else os.path.basename(os.path.normpath(args.data))
+    result = {"dataset": name, "model": "diffclip", "pretrained": args.checkpoint, "task": task, "metrics": metrics,
+              "images_per_s": rate, "backend": model.attn_backend,
+              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(device),
+              "processes": world}
+    if args.dataset is not None:
+        result["split"] = args.split
     if rank != 0:  # rank 0 prints and writes
         return 0
     for k, v in metrics.items():

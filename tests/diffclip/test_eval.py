@@ -153,7 +153,7 @@ def test_gather_restores_the_original_order(monkeypatch):
     """Rank r holds rows r, r+world, ...; the gathered tensor is in the original order (13 rows, 3 ranks)."""
     import torch.distributed as dist
 
-    from diffclip.cli import _gather_rows
+    from diffclip.distributed import gather_rows
 
     full = torch.arange(13 * 2, dtype=torch.float32).view(13, 2)
     world = 3
@@ -167,5 +167,5 @@ def test_gather_restores_the_original_order(monkeypatch):
 
     monkeypatch.setattr(dist, "all_gather", fake_all_gather)
     monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
-    out = _gather_rows(full[1::world], 13, 1, world)
+    out = gather_rows(full[1::world], 13, 1, world)
     assert torch.equal(out, full) and per_rank == 5

@@ -1,0 +1,199 @@
+"""LAION's CLIP Benchmark datasets by name: `diffclip eval zeroshot|retrieval --dataset NAME --data-root DIR`.
+
+The DiffCLIP paper's numbers were measured with CLIP Benchmark, so this route uses its dataset builder, its class
+names and prompt templates, its collate functions and its metric code; what it lacks, and what is written here,
+is sharding over torchrun processes (its `evaluate` functions run one process) and a model adapter. Optional
+dependency: ``pip install -e ".[eval]"``.
+
+Differences from `clip_benchmark eval`, all deliberate:
+- The model runs in its own dtype (bf16 on CUDA by default) instead of fp32 weights under fp16 autocast; text
+  and image embeddings are normalised and compared in fp32.
+- Recall@k uses k = 1, 5, 10 (its command line defaults to 5), capped at the number of candidates.
+- Nothing is downloaded unless `download=True`: its builder fetches missing files (wget, gdown, kaggle) for some
+  datasets whatever `download` says, and ends the process when a downloader is missing, so the files it would
+  fetch are checked first and a missing one is an error naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Any
+
+import torch
+
+INSTALL = "pip install -e \".[eval]\" (LAION's CLIP Benchmark; or pip install clip-benchmark)"
+TASKS = ("zeroshot_classification", "zeroshot_retrieval")
+RECALL_K = (1, 5, 10)
+
+
+def _builder():
+    try:
+        from clip_benchmark.datasets import builder
+    except ImportError as e:
+        if (getattr(e, "name", None) or "clip_benchmark").split(".")[0] == "clip_benchmark":
+            raise RuntimeError(f"--dataset needs LAION's CLIP Benchmark, which is not installed: {INSTALL}") from e
+        # e.g. its ImageNetV2 loader imports `requests` without declaring it (our [eval] extra adds it)
+        raise RuntimeError(f"CLIP Benchmark is installed but cannot be imported ({e}): {INSTALL}") from e
+    return builder
+
+
+def _needed_files(name: str, root: str, split: str) -> list[tuple[str, ...]]:
+    """What the builder would download when absent; each entry is satisfied by any one of its paths."""
+    j = os.path.join
+    if name.startswith("wds/"):
+        return [(j(root, split, "nshards.txt"),)]
+    if name == "mscoco_captions":
+        return [(j(root, "train2014" if split == "train" else "val2014"),),
+                (j(root, f"coco_{split}_karpathy.json"),)]
+    if name in ("flickr30k", "flickr8k"):
+        return [(j(root, f"{name}_{split}_karpathy.txt"),)]
+    if name in ("imagenet1k", "imagenet-w", "babel_imagenet"):  # torchvision's ImageNet: parsed or archived
+        folder = "train" if split == "train" else "val"
+        return [(j(root, "meta.bin"), j(root, "ILSVRC2012_devkit_t12.tar.gz")),
+                (j(root, folder), j(root, f"ILSVRC2012_img_{folder}.tar"))]
+    return [(root,)]  # the other builders download when the root folder is missing
+
+
+def _wds_type(root: str) -> str:
+    path = os.path.join(root, "dataset_type.txt")
+    if not os.path.isfile(path):
+        return "classification"  # the builder's default too
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip().lower()
+
+
+@dataclasses.dataclass
+class NamedDataset:
+    name: str
+    task: str
+    dataset: Any
+    classnames: list | None  # zero-shot classification: CLIP Benchmark's class names
+    templates: Any  # its templates: a list with "{c}", or {class name: [prompts]}
+    collate_fn: Any
+    iterable: bool  # a webdataset stream (no random access, no length)
+
+
+def build(name: str, root: str, split: str, task: str, transform, download: bool = False) -> NamedDataset:
+    """The dataset as CLIP Benchmark builds it. ValueError for a user's mistake (unknown name, wrong task, missing
+    files, bad split); RuntimeError when CLIP Benchmark is not installed."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    builder = _builder()
+    other = {"zeroshot_classification": "retrieval", "zeroshot_retrieval": "zeroshot"}[task]
+    if name.startswith("wds/"):
+        remote = "://" in root
+        kind = None if remote else _wds_type(root)
+        if kind is not None and (kind == "retrieval") != (task == "zeroshot_retrieval"):
+            raise ValueError(f"{name} at {root} is a {kind} dataset (dataset_type.txt): use `diffclip eval {other}`")
+    else:
+        remote = False
+        default = builder.get_dataset_default_task(name)
+        if default != task:
+            hint = f"use `diffclip eval {other}`" if default in TASKS else "diffclip eval runs " + " and ".join(TASKS)
+            raise ValueError(f"{name} is a {default} dataset in CLIP Benchmark: {hint}")
+    if not download and not remote:
+        missing = [alts for alts in _needed_files(name, root, split) if not any(os.path.exists(p) for p in alts)]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ValueError(f"{name} (split {split}) is not in {root}: missing {' or '.join(missing[0])}{more}; "
+                             f"put the files there, or pass --download to let CLIP Benchmark fetch them")
+    try:
+        ds = builder.build_dataset(name, root=root, transform=transform, split=split, download=download, task=task)
+    except SystemExit as e:  # the builder exits when a downloader (gdown, kaggle) is missing
+        raise RuntimeError(f"CLIP Benchmark gave up building {name} (exit {e.code}); see its message above") from None
+    except (AssertionError, ValueError, RuntimeError, FileNotFoundError) as e:
+        raise ValueError(f"CLIP Benchmark cannot build {name} (split {split}) from {root}: {e}") from None
+    iterable = not hasattr(ds, "__len__")
+    classnames = templates = None
+    if task == "zeroshot_classification":
+        classnames, templates = list(ds.classes), ds.templates
+    collate = None if iterable else builder.get_dataset_collate_fn(name)
+    return NamedDataset(name, task, ds, classnames, templates, collate, iterable)
+
+
+def rank_batches(nd: NamedDataset, rank: int, world: int, batch_size: int, num_workers: int):
+    """(images, targets or caption lists) of this rank's items, items[rank::world] in the dataset's order, in
+    batches. A map-style dataset is subset (each rank loads only its items); a webdataset stream is read whole
+    by every rank (no random access) and filtered, so only the model's work is divided."""
+    from torch.utils.data import DataLoader, Subset
+
+    if not nd.iterable:
+        subset = Subset(nd.dataset, range(rank, len(nd.dataset), world))
+        yield from DataLoader(subset, batch_size=batch_size, num_workers=num_workers, collate_fn=nd.collate_fn)
+        return
+    # As CLIP Benchmark loads webdatasets: batched by webdataset itself (its collation keeps caption lists).
+    loader = DataLoader(nd.dataset.batched(batch_size), batch_size=None, num_workers=num_workers)
+    start = 0
+    for images, extra in loader:
+        mine = [j for j in range(len(images)) if (start + j) % world == rank]
+        start += len(images)
+        if mine:
+            # class indices come as a tensor or a NumPy array (webdataset's collation), captions as a list
+            yield images[mine], (extra[mine] if hasattr(extra, "shape") else [extra[j] for j in mine])
+
+
+class FloatOutputs(torch.nn.Module):
+    """The model as CLIP Benchmark's metric code expects it (`encode_text`/`encode_image`), with fp32 outputs so
+    that its normalise-and-average runs in fp32 whatever the model's dtype."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def encode_text(self, text):
+        return self.model.encode_text(text).float()
+
+    def encode_image(self, image):
+        return self.model.encode_image(image).float()
+
+
+def class_embeddings(model, tokenizer, classnames, templates, device) -> torch.Tensor:
+    """(len(classnames), D): CLIP Benchmark's zero-shot classifier for these classes (its template formatting, its
+    per-class mean of normalised prompt embeddings, normalised again)."""
+    from clip_benchmark.metrics.zeroshot_classification import zero_shot_classifier
+
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:  # its code moves tokens with .to(device.type): make our device the current one
+        weights = zero_shot_classifier(FloatOutputs(model), tokenizer, classnames, templates, device.type, amp=False)
+    return weights.T.float()
+
+
+def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, n_classes: int) -> dict[str, float]:
+    """CLIP Benchmark's metrics for (N, C) logits: acc1, acc5 (NaN under 5 classes, as it reports),
+    mean_per_class_recall (sklearn's balanced accuracy, as it uses); mean_average_precision (its own function) for
+    multi-label targets. Top-k accuracy is computed here as its `accuracy` does (one topk, then hits within the
+    first k): its function calls float() on a one-element array, which NumPy >= 2.4 rejects."""
+    from clip_benchmark.metrics.zeroshot_classification import average_precision_per_class
+    from sklearn.metrics import balanced_accuracy_score
+
+    logits, targets = logits.float().cpu(), targets.cpu()
+    if targets.dim() == 2:
+        return {"mean_average_precision": average_precision_per_class(logits, targets).mean().item()}
+    hit = logits.topk(min(5, n_classes), dim=1).indices == targets[:, None]
+    acc5 = hit.any(1).float().mean().item() if n_classes >= 5 else float("nan")
+    pred = logits.argmax(dim=1)
+    return {"acc1": hit[:, 0].float().mean().item(), "acc5": acc5,
+            "mean_per_class_recall": float(balanced_accuracy_score(targets.numpy(), pred.numpy()))}
+
+
+def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, owner: torch.Tensor,
+                      batch_size: int) -> dict[str, float]:
+    """CLIP Benchmark's recall@k both ways (its `recall_at_k`, > 0 per query, averaged), k capped at the
+    candidate count. Embeddings L2-normalised; `owner[j]` is the image index of caption j."""
+    from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
+
+    image_emb, text_emb, owner = image_emb.float().cpu(), text_emb.float().cpu(), owner.cpu()
+    scores = text_emb @ image_emb.T
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(scores)), owner] = True
+    out = {}
+    for k in RECALL_K:
+        ki, kt = min(k, scores.shape[1]), min(k, scores.shape[0])
+        hits_i = batchify(recall_at_k, scores, positive, batch_size, "cpu", k=ki) > 0
+        hits_t = batchify(recall_at_k, scores.T, positive.T, batch_size, "cpu", k=kt) > 0
+        out[f"image_retrieval_recall@{k}"] = hits_i.float().mean().item()
+        out[f"text_retrieval_recall@{k}"] = hits_t.float().mean().item()
+    return out
+
