@@ -514,8 +514,9 @@ def cmd_eval(args) -> int:
                              "and templates")
         from . import named_datasets
 
-        named_datasets._builder()  # a missing install is reported before the model loads
         args.split = args.split or "test"
+        task = "zeroshot_classification" if args.task == "zeroshot" else "zeroshot_retrieval"
+        named_datasets.check(args.dataset, args.data_root, args.split, task, args.download)  # before the model loads
         inputs = None
     elif args.data_root or args.download or args.split:
         raise UsageError("--data-root, --split and --download apply to --dataset")

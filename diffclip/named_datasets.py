@@ -75,9 +75,9 @@ class NamedDataset:
     iterable: bool  # a webdataset stream (no random access, no length)
 
 
-def build(name: str, root: str, split: str, task: str, transform, download: bool = False) -> NamedDataset:
-    """The dataset as CLIP Benchmark builds it. ValueError for a user's mistake (unknown name, wrong task, missing
-    files, bad split); RuntimeError when CLIP Benchmark is not installed."""
+def check(name: str, root: str, split: str, task: str, download: bool = False):
+    """What can be checked before the model loads: CLIP Benchmark importable (RuntimeError), the dataset's task
+    matching `task` and, without `download`, the files its builder would fetch present (ValueError)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     builder = _builder()
@@ -99,6 +99,13 @@ def build(name: str, root: str, split: str, task: str, transform, download: bool
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise ValueError(f"{name} (split {split}) is not in {root}: missing {' or '.join(missing[0])}{more}; "
                              f"put the files there, or pass --download to let CLIP Benchmark fetch them")
+    return builder
+
+
+def build(name: str, root: str, split: str, task: str, transform, download: bool = False) -> NamedDataset:
+    """The dataset as CLIP Benchmark builds it (after `check`). ValueError for a user's mistake (unknown name,
+    wrong task, missing files, bad split); RuntimeError when CLIP Benchmark is not installed."""
+    builder = check(name, root, split, task, download)
     try:
         ds = builder.build_dataset(name, root=root, transform=transform, split=split, download=download, task=task)
     except SystemExit as e:  # the builder exits when a downloader (gdown, kaggle) is missing
