@@ -437,65 +437,93 @@ def _eval_named(args, model, preprocess, tokenizer, device, rank, world):
     import time
 
     import torch
-    from tqdm import tqdm
 
     from . import named_datasets
 
     task = "zeroshot_classification" if args.task == "zeroshot" else "zeroshot_retrieval"
     nd = named_datasets.build(args.dataset, args.data_root, args.split, task, preprocess, args.download)
-    dim = model.config.embed_dim
+    where = f"{args.dataset} (split {args.split}) in {args.data_root}"
     if task == "zeroshot_classification":
         weights = _sharded_classifier(
             lambda names: named_datasets.class_embeddings(model, tokenizer, names, nd.templates, device),
-            nd.classnames, dim, device, rank, world)
-    images, extras, captions, t0 = [], [], [], time.perf_counter()
-    with torch.no_grad():
-        batches = named_datasets.rank_batches(nd, rank, world, args.batch_size, args.num_workers)
-        for batch, extra in tqdm(batches, desc="images", unit="batch", disable=rank != 0):
-            images.append(torch.nn.functional.normalize(model.encode_image(batch.to(device)).float(), dim=-1))
-            if task == "zeroshot_classification":
-                extras.append(torch.as_tensor(extra))
-                continue
-            texts = [list(t) if isinstance(t, (list, tuple)) else [t] for t in extra]
-            flat = [c for t in texts for c in t]
-            emb = torch.cat([model.encode_text(tokenizer(flat[i:i + args.batch_size]).to(device)).float()
-                             for i in range(0, len(flat), args.batch_size)]) if flat else torch.zeros(0, dim)
-            captions.append(([len(t) for t in texts], torch.nn.functional.normalize(emb, dim=-1).cpu()))
-    local = torch.cat(images) if images else torch.zeros(0, dim, device=device)
+            nd.classnames, model.config.embed_dim, device, rank, world)
+    t0 = time.perf_counter()
+    local, extras = _embed_rank_batches(args, model, tokenizer, device, nd, rank, world)
     n_total = sum(distributed.gather_objects(local.shape[0], world))
     if n_total == 0:
-        raise UsageError(f"{args.dataset} (split {args.split}) in {args.data_root} holds no images")
+        raise UsageError(f"{where} holds no images")
     img = distributed.gather_rows(local, n_total, rank, world)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     rate = n_total / (time.perf_counter() - t0)
     if task == "zeroshot_classification":
-        # Targets: class indices (N,), or (N, classes) 0/1 rows for multi-label sets; every rank must agree on the
-        # width, also one that holds no item.
-        local_t = torch.cat(extras) if extras else torch.zeros(0, dtype=torch.long)
-        multilabel = max(distributed.gather_objects(local_t.dim(), world)) == 2
-        width = len(nd.classnames) if multilabel else 1
-        rows = local_t.reshape(local_t.shape[0], width).to(device=device, dtype=torch.float64)
-        targets = distributed.gather_rows(rows, n_total, rank, world).cpu()
-        targets = targets if multilabel else targets[:, 0].long()
+        targets = _gather_targets(extras, n_total, len(nd.classnames), device, rank, world)
         return named_datasets.classification_metrics(100.0 * img @ weights.T, targets, len(nd.classnames)), rate
-    # Captions: rank r holds images r, r+world, ...; put every image's caption block back in image order.
+    txt, owner = _gather_captions(extras, n_total, model.config.embed_dim, world)
+    if txt.shape[0] == 0:
+        raise UsageError(f"{where} holds no captions")
+    return named_datasets.retrieval_metrics(img, txt, owner, args.batch_size), rate
+
+
+def _embed_rank_batches(args, model, tokenizer, device, nd, rank, world):
+    """This rank's normalised image embeddings (n, D), and per batch its targets (classification) or (captions per
+    image, their normalised embeddings) (retrieval)."""
+    import torch
+    from tqdm import tqdm
+
+    from . import named_datasets
+
+    dim, normalize = model.config.embed_dim, torch.nn.functional.normalize
+    images, extras = [torch.zeros(0, dim, device=device)], []
+    with torch.no_grad():
+        batches = named_datasets.rank_batches(nd, rank, world, args.batch_size, args.num_workers)
+        for batch, extra in tqdm(batches, desc="images", unit="batch", disable=rank != 0):
+            images.append(normalize(model.encode_image(batch.to(device)).float(), dim=-1))
+            if nd.task == "zeroshot_classification":
+                extras.append(torch.as_tensor(extra))
+                continue
+            texts = [list(t) if isinstance(t, (list, tuple)) else [t] for t in extra]
+            flat = [c for t in texts for c in t]
+            emb = [torch.zeros(0, dim, device=device)] + [
+                model.encode_text(tokenizer(flat[i:i + args.batch_size]).to(device)).float()
+                for i in range(0, len(flat), args.batch_size)]
+            extras.append(([len(t) for t in texts], normalize(torch.cat(emb), dim=-1).cpu()))
+    return torch.cat(images), extras
+
+
+def _gather_targets(extras, n_total, n_classes, device, rank, world):
+    """Class indices (N,), or (N, classes) 0/1 rows of a multi-label set, in item order on every rank (the ranks
+    agree on the width, also one that holds no item)."""
+    import torch
+
+    local = torch.cat(extras) if extras else torch.zeros(0, dtype=torch.long)
+    multilabel = max(distributed.gather_objects(local.dim(), world)) == 2
+    width = n_classes if multilabel else 1
+    rows = local.reshape(local.shape[0], width).to(device=device, dtype=torch.float64)
+    targets = distributed.gather_rows(rows, n_total, rank, world).cpu()
+    return targets if multilabel else targets[:, 0].long()
+
+
+def _gather_captions(extras, n_total, dim, world):
+    """All caption embeddings in item order (image 0's captions, then image 1's, ...) and the image index of
+    each. Rank r holds images r, r+world, ...: every image's caption block is put back in place."""
+    import torch
+
     per_rank = distributed.gather_objects((
-        [n for counts, _ in captions for n in counts],
-        torch.cat([e for _, e in captions]) if captions else torch.zeros(0, dim)), world)
+        [n for counts, _ in extras for n in counts],
+        torch.cat([torch.zeros(0, dim)] + [e for _, e in extras])), world)
     offsets = []
     for counts, _ in per_rank:
         offsets.append([0])
         for n in counts:
             offsets[-1].append(offsets[-1][-1] + n)
-    blocks, owner = [], []
+    blocks, owner = [torch.zeros(0, dim)], []
     for i in range(n_total):
         r, p = i % world, i // world
         a, b = offsets[r][p], offsets[r][p + 1]
         blocks.append(per_rank[r][1][a:b])
         owner += [i] * (b - a)
-    txt = torch.cat(blocks)
-    return named_datasets.retrieval_metrics(img, txt, torch.tensor(owner), args.batch_size), rate
+    return torch.cat(blocks), torch.tensor(owner, dtype=torch.long)
 
 
 def cmd_eval(args) -> int:
