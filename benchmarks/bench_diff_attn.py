@@ -69,6 +69,27 @@ def _check(fn, q, k, v, lam, causal, mode):
     return max(((a.float() - b).norm() / b.norm().clamp_min(1e-12)).item() for a, b in zip(ours, ref))
 
 
+def _graph_ms(fn, q, k, v, lam, causal, mode):
+    """(ms, None) of the same step replayed from CUDA graphs (`torch.cuda.make_graphed_callables`: forward, and
+    backward for fwd+bwd), i.e. the kernels without Python and launch costs; (None, reason) when capture fails.
+    Next to `ms` and `host_ms` it says what removing the host's share would give."""
+    try:
+        graphed = torch.cuda.make_graphed_callables(lambda q_, k_, v_: fn(q_, k_, v_, lam, causal=causal), (q, k, v))
+        if mode == "fwd":
+            def step():
+                return graphed(q, k, v)
+            grads = None
+        else:
+            dout = torch.randn_like(graphed(q, k, v))
+
+            def step():
+                graphed(q, k, v).backward(dout)
+            grads = [q, k, v]
+        return common.bench_ms(step, grad_to_none=grads), None
+    except Exception as e:  # capture is an extra: its failure is recorded, the row keeps its other numbers
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 def run_case(provider, label, B, H, N, d, causal, dtype_name, mode, device):
     from .providers import PROVIDERS, skip_reason
 
@@ -113,6 +134,8 @@ def run_case(provider, label, B, H, N, d, causal, dtype_name, mode, device):
 
             row["configs"] = {k: configs.describe(configs.LAST_CONFIG[k])
                               for k in (("fwd",) if mode == "fwd" else configs.KERNELS)}
+            if device.type == "cuda" and mode != "bwd":
+                row["graph_ms"], row["graph_skipped"] = _graph_ms(fn, q, k, v, lam, causal, mode)
     except torch.cuda.OutOfMemoryError:
         row["skipped"] = "out of memory"
         torch.cuda.empty_cache()
@@ -222,7 +245,7 @@ def main(argv=None):
     p.add_argument("--max-n", type=int, default=16384, help="largest N of the sweeps")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, fp32, runs on CPU (Triton interpreter)")
     p.add_argument("--sweep", choices=["full", "reduced"], help="also time every default config of each kernel at "
-                   "a few shapes (benchmarks/sweep.py; reduced: vision and N=4096 d=128), first --dtypes entry")
+                   "a few shapes (benchmarks/sweep.py; reduced: N=4096 at d=64 and 128, then vision), first --dtypes entry")
     p.add_argument("--sweep-budget-s", type=float, help="stop starting sweep rows after this many seconds (each "
                    "new config compiles first); the rows not run are recorded as skipped")
     p.add_argument("--json", help="write results here")
@@ -262,7 +285,8 @@ def main(argv=None):
     print()
     common.print_table(rows, [("shape", "shape", "13"), ("B", "B", "d"), ("N", "N", "d"), ("d", "d", "d"),
                               ("dtype", "dtype", "5"), ("mode", "mode", "8"), ("provider", "provider", "8"),
-                              ("ms", "ms", ".3f"), ("host_ms", "host ms", ".3f"), ("tflops", "TFLOP/s", ".1f"), ("peak_mb", "peak MB", ".0f"),
+                              ("ms", "ms", ".3f"), ("host_ms", "host ms", ".3f"), ("graph_ms", "graph ms", ".3f"),
+                              ("tflops", "TFLOP/s", ".1f"), ("peak_mb", "peak MB", ".0f"),
                               ("speedup_vs_eager", "x eager", ".2f"), ("speedup_vs_sdpa2", "x sdpa2", ".2f")])
     targets = evaluate_targets(rows)
     for t in targets:

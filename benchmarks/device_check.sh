@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a lent GPU, about 6 minutes (step timeouts 180 + 130 + 70 + 45 s; the first H200 run of the old
+# One command for a lent GPU, about 6-7 minutes (step timeouts 180 + 150 + 70 + 45 s; the first H200 run of the old
 # 160 + 120 + 70 s script took 240 s): prints the GPU/driver/torch/Triton, runs the GPU tests (two pytest processes
 # side by side: kernels, and model + benchmarks), then the op benchmark (forward, and forward+backward) at the
 # DiffCLIP shapes and N=4096 against eager PyTorch and SDPA with a time-boxed config sweep, then a reduced end-to-end
@@ -65,8 +65,8 @@ for name in kernels model; do
 done
 
 echo "== op benchmark: forward and forward+backward, bf16, and a reduced config sweep"
-timeout 120 "$PY" -m benchmarks.bench_diff_attn --shapes device-check --modes fwd,fwd+bwd --dtypes bf16 \
-    --providers triton,eager,sdpa2,sdpa4 --sweep reduced --sweep-budget-s 45 \
+timeout 150 "$PY" -m benchmarks.bench_diff_attn --shapes device-check --modes fwd,fwd+bwd --dtypes bf16 \
+    --providers triton,eager,sdpa2,sdpa4 --sweep reduced --sweep-budget-s 40 \
     --json "$OUTDIR/bench_diff_attn.json" --plot "$OUTDIR/bench_diff_attn.png" \
     "${SMOKE[@]}" \
     2>&1 | tee "$OUTDIR/bench_diff_attn.log" | tail -n 30

@@ -130,3 +130,21 @@ def test_profile_smoke_writes_json(tmp_path):
     for r in rows:
         assert "skipped" not in r, r
         assert r["host_us_per_step"] > 0 and r["top_host"] and r["steps"] == 2
+
+
+def test_graph_ms_plumbing_and_failure_reason(monkeypatch):
+    """CUDA graphs need a GPU: here make_graphed_callables is replaced (identity, then a failure) so the
+    benchmark's handling of both outcomes is checked on CPU."""
+    from benchmarks.providers import PROVIDERS
+
+    q, k, v, lam = common.qkv_inputs(1, 1, 8, 16, torch.float32, torch.device("cpu"), grad=True)
+    fn = PROVIDERS["sdpa2"]
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda f, args: f)
+    ms, why = bench_diff_attn._graph_ms(fn, q, k, v, lam, False, "fwd+bwd")
+    assert ms > 0 and why is None and q.grad is not None
+
+    def refuse(f, args):
+        raise RuntimeError("capture failed\nsecond line")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", refuse)
+    assert bench_diff_attn._graph_ms(fn, q, k, v, lam, False, "fwd") == (None, "RuntimeError: capture failed")
