@@ -46,7 +46,8 @@ def diff_attn(
         a transposed view of a (B, N, H, 2d) buffer, so ``out.transpose(1, 2).reshape(B, N, H * 2 * d)`` is free.
 
     Differentiable in q, k, v, λ (tensor) and norm_weight. Under ``torch.autocast`` q, k and v are cast to the
-    autocast dtype. Works under ``torch.compile(fullgraph=True)`` (a `torch.library` op, see `kernels/ops.py`).
+    autocast dtype. Works under ``torch.compile(fullgraph=True)``: traced calls use the `torch.library` ops, eager
+    calls a plain autograd.Function over the same functions (less host time; see `kernels/ops.py`).
 
     Raises:
         TypeError / ValueError: bad arguments (named in the message).
@@ -65,10 +66,23 @@ def diff_attn(
 
     call = (q, k, v, args.lam, norm_weight, causal, args.scale, float(norm_eps), float(out_scale))
     leaves = (q, k, v, args.lam) + ((norm_weight,) if norm_weight is not None else ())
-    if torch.is_grad_enabled() and any(t.requires_grad for t in leaves):
-        return torch.ops.diffattn.diff_attn(*call)[0]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in leaves)
+    if _traced(leaves):  # torch.compile / export / make_fx / fake tensors: the torch.library ops
+        return torch.ops.diffattn.diff_attn(*call)[0] if grad else torch.ops.diffattn.diff_attn_inference(*call)
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in leaves):
+        raise RuntimeError("kernels.diff_attn does not support torch.func transforms (grad, vmap, vjp, jacrev, ...): "
+                           "its Triton kernels need plain tensors; use torch.autograd (loss.backward()) instead")
+    # Eager: the same forward/backward without the op dispatch (a third of the host time; see kernels/ops.py).
     # No gradient: the forward writes no backward state (also for trainable weights under torch.no_grad()).
-    return torch.ops.diffattn.diff_attn_inference(*call)
+    return ops.DiffAttnFunction.apply(*call) if grad else ops.eager_inference(*call)
+
+
+def _traced(tensors) -> bool:
+    """True while the call is being traced rather than run: under torch.compile/export, a dispatch mode (make_fx,
+    FakeTensorMode) or with tensor subclasses (fake, functional) — where only the registered ops can go."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return True
+    return any(type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter) for t in tensors)
 
 
 def _autocast(q, k, v):

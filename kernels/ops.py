@@ -11,6 +11,12 @@ implementations and the autograd formula registered on the forward op.
 (H,) lambdas into one); its gradient comes back in its own shape. Arguments are not validated here: call
 `kernels.diff_attn`, which validates, applies autocast and picks the inference op when no gradient is needed.
 
+Eager calls skip the op machinery: `kernels.diff_attn` runs `DiffAttnFunction` (a plain autograd.Function over the
+same `_forward` / `_backward_impl`) unless it is being traced (torch.compile, export, make_fx, fake tensors), where
+the ops are required. The custom-op dispatch and its generated autograd cost about 3x the host time of the direct
+path per forward+backward (CPU measurement with the launches stubbed: ~290 vs ~90 µs), and the first H200 run
+suggests (not yet measured) that small-N calls are bound by host time. Both paths run the same functions, so they agree bit for bit.
+
 Why `custom_op` rather than `triton_op` + `wrap_triton`: every launch goes through our own policy in Python
 (kernels/configs.py: autotuned, fixed or forced configs, pruned through a side table, under a device guard), which
 wrap_triton would have Inductor trace and re-implement. A custom op stays one opaque node: Dynamo and AOTAutograd
@@ -36,6 +42,17 @@ def _lam_bhn(lam: Tensor, q: Tensor) -> Tensor:
 def _forward(q, k, v, lam, norm_weight, causal, scale, norm_eps, out_scale, save):
     return diff_attn_fwd(q, k, v, _lam_bhn(lam, q), norm_weight, causal=causal, scale=scale, norm_eps=norm_eps,
                          out_scale=out_scale, save_for_bwd=save)
+
+
+def _backward_impl(dout, q, k, v, lam, norm_weight, o_ref, o2, lse, causal, scale, norm_eps, out_scale, needs_dlam,
+                   needs_dw):
+    """(dq, dk, dv, dlam or None, dw or None): dlam summed back to λ's own shape and dtype."""
+    dq, dk, dv, dlam, dw = diff_attn_bwd(
+        dout, q, k, v, _lam_bhn(lam, q), norm_weight, o_ref, o2, lse, causal=causal, scale=scale,
+        norm_eps=norm_eps, out_scale=out_scale, needs_dlam=needs_dlam, needs_dw=needs_dw and norm_weight is not None,
+    )
+    dlam = dlam.sum_to_size(lam.shape).to(lam.dtype) if dlam is not None else None
+    return dq, dk, dv, dlam, dw
 
 
 def _fake_out(q: Tensor) -> Tensor:
@@ -79,11 +96,9 @@ def diff_attn_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Te
                           out_scale: float, needs_dlam: bool, needs_dw: bool
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dlam, dw): dlam in λ's shape and dtype, dw in the norm weight's; each empty when not needed."""
-    dq, dk, dv, dlam, dw = diff_attn_bwd(
-        dout, q, k, v, _lam_bhn(lam, q), norm_weight, o_ref, o2, lse, causal=causal, scale=scale,
-        norm_eps=norm_eps, out_scale=out_scale, needs_dlam=needs_dlam, needs_dw=needs_dw and norm_weight is not None,
-    )
-    dlam = dlam.sum_to_size(lam.shape).to(lam.dtype) if dlam is not None else lam.new_empty(0)
+    dq, dk, dv, dlam, dw = _backward_impl(dout, q, k, v, lam, norm_weight, o_ref, o2, lse, causal, scale, norm_eps,
+                                          out_scale, needs_dlam, needs_dw)
+    dlam = dlam if dlam is not None else lam.new_empty(0)
     dw = dw if dw is not None else q.new_empty(0, dtype=torch.float32)
     return dq, dk, dv, dlam, dw
 
@@ -97,12 +112,16 @@ def _diff_attn_backward_fake(dout, q, k, v, lam, norm_weight, o_ref, o2, lse, ca
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dlam, dw
 
 
+def _save(ctx, q, k, v, lam, norm_weight, out, lse, o2, o_pre, args):
+    # Saved state is O(N·d): inputs, the output (or the pre-norm difference), O2 and two LSE rows.
+    ctx.save_for_backward(q, k, v, lam, norm_weight, out if norm_weight is None else o_pre, o2, lse)
+    ctx.args = args
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, lam, norm_weight, causal, scale, norm_eps, out_scale = inputs
     out, lse, o2, o_pre = output
-    # Saved state is O(N·d): inputs, the output (or the pre-norm difference), O2 and two LSE rows.
-    ctx.save_for_backward(q, k, v, lam, norm_weight, out if norm_weight is None else o_pre, o2, lse)
-    ctx.args = (causal, scale, norm_eps, out_scale)
+    _save(ctx, q, k, v, lam, norm_weight, out, lse, o2, o_pre, (causal, scale, norm_eps, out_scale))
     ctx.mark_non_differentiable(lse, o2, o_pre)
 
 
@@ -115,3 +134,28 @@ def _backward(ctx, dout, _dlse, _do2, _dopre):
 
 
 diff_attn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class DiffAttnFunction(torch.autograd.Function):
+    """The eager path of `kernels.diff_attn` (see the module docstring): the op's forward, saved state and backward
+    without the custom-op dispatch; returns the output only. (The old ctx-in-forward form: the setup_context form
+    with the op's four outputs cost ~70 µs more host time per forward+backward.)"""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lam, norm_weight, causal, scale, norm_eps, out_scale):
+        out, lse, o2, o_pre = _forward(q, k, v, lam, norm_weight, causal, scale, norm_eps, out_scale, True)
+        _save(ctx, q, k, v, lam, norm_weight, out, lse, o2, o_pre, (causal, scale, norm_eps, out_scale))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, lam, norm_weight, o_ref, o2, lse = ctx.saved_tensors
+        needs_dlam, needs_dw = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        dq, dk, dv, dlam, dw = _backward_impl(dout, q, k, v, lam, norm_weight, o_ref, o2, lse, *ctx.args, needs_dlam,
+                                              needs_dw)
+        return dq, dk, dv, dlam, dw if needs_dw else None, None, None, None, None
+
+
+def eager_inference(q, k, v, lam, norm_weight, causal, scale, norm_eps, out_scale):
+    """The eager path without gradients: `diff_attn_inference`'s forward, no saved state."""
+    return _forward(q, k, v, lam, norm_weight, causal, scale, norm_eps, out_scale, False)[0]

@@ -35,18 +35,61 @@ def test_opcheck(dtype, causal, norm):
     torch.library.opcheck(torch.ops.diffattn.diff_attn_inference.default, no_grad)
 
 
-def test_public_wrapper_uses_the_ops(monkeypatch):
-    """Inference goes through the op that writes no backward state; training through the one that does."""
+def test_public_wrapper_dispatch(monkeypatch):
+    """Eager calls run the direct path (no op dispatch: a third of the host time); traced calls — here make_fx,
+    torch.compile in the compile tests below — go through the ops: inference through the one that writes no
+    backward state, training through the one that does."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
     seen = []
-    for name in ("diff_attn", "diff_attn_inference"):
-        real = getattr(torch.ops.diffattn, name)
-        monkeypatch.setattr(torch.ops.diffattn, name, lambda *a, _r=real, _n=name: seen.append(_n) or _r(*a))
+    real = kernels.ops.eager_inference
+    monkeypatch.setattr(kernels.ops, "eager_inference", lambda *a: seen.append("eager_inference") or real(*a))
     q, k, v = make_qkv(1, 1, 17, 16, torch.float32, DEVICE)
     with torch.no_grad():
         assert diff_attn(q, k, v, 0.5).grad_fn is None
+    assert seen == ["eager_inference"]
     q.requires_grad_(True)
-    assert diff_attn(q, k, v, 0.5).grad_fn is not None
-    assert seen == ["diff_attn_inference", "diff_attn"]
+    assert type(diff_attn(q, k, v, 0.5).grad_fn).__name__ == "DiffAttnFunctionBackward"
+
+    def traced_ops(grad):
+        with torch.set_grad_enabled(grad):
+            gm = make_fx(lambda q_, k_, v_: diff_attn(q_, k_, v_, 0.5), tracing_mode="fake")(q, k, v)
+        return {str(n.target) for n in gm.graph.nodes if str(n.target).startswith("diffattn.")}
+
+    assert traced_ops(False) == {"diffattn.diff_attn_inference.default"}
+    assert traced_ops(True) == {"diffattn.diff_attn.default"}
+    assert seen == ["eager_inference"]  # tracing never took the eager path
+
+
+def test_torch_func_transforms_are_refused_clearly():
+    """torch.func runs the backward on wrapped tensors, which Triton cannot read: a named error, not a crash in
+    the launcher."""
+    q, k, v = make_qkv(1, 1, 8, 16, torch.float32, DEVICE)
+    with pytest.raises(RuntimeError, match="does not support torch.func transforms"):
+        torch.func.grad(lambda q_: diff_attn(q_, k, v, 0.5).sum())(q)
+    with pytest.raises(RuntimeError, match="does not support torch.func transforms"):
+        torch.vmap(lambda q_: diff_attn(q_, k, v, 0.5))(q[None])
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_eager_path_equals_the_ops_bit_for_bit(causal, norm):
+    """The eager autograd.Function and the registered ops run the same forward/backward functions: outputs and
+    every gradient (q, k, v, a per-head λ, the norm weight) are identical, not just close."""
+    q, k, v = make_qkv(2, 2, 23, 16, torch.float32, DEVICE)
+    lam = make_lam("head", 0.6, 2, 2, 23, DEVICE)
+    w = torch.randn(32, device=DEVICE) if norm else None
+    dout = torch.randn(2, 2, 23, 32, device=DEVICE)
+    results = []
+    for via_ops in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, lam)]
+        wl = w.detach().clone().requires_grad_() if norm else None
+        call = (*leaves[:3], leaves[3].view(-1, 1), wl, causal, 0.25, 1e-5, 0.8)
+        out = torch.ops.diffattn.diff_attn(*call)[0] if via_ops else kernels.ops.DiffAttnFunction.apply(*call)
+        out.backward(dout)
+        results.append([out] + [t.grad for t in leaves] + ([wl.grad] if norm else []))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
