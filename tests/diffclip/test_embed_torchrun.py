@@ -4,16 +4,14 @@ replaces the other's files."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from distrun import run_diffclip
 from refdata import TINY_CKPT, need
 
 from diffclip import embeddings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CAPTIONS = ["a dog", "a cat", "a red car", "two birds", "a boat"]  # 5 captions, 5 images: ranks hold 3 and 2
 
 
@@ -30,16 +28,8 @@ def folder(tmp_path):
 
 
 def _embed(cwd, out, procs):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               HF_HOME=os.path.join(str(cwd), "hf-home"), PYTHONPATH=ROOT)
-    env.pop("TRITON_INTERPRET", None)
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-port",
-                 "29531"] if procs > 1 else [sys.executable])
-    args = ["-m", "diffclip", "embed", "imgs", "--out", out, "--text", "caps.txt", "--batch-size", "2",
-            "--checkpoint", need(TINY_CKPT), "--backend", "eager"]
-    r = subprocess.run(launcher + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return run_diffclip(["embed", "imgs", "--out", out, "--text", "caps.txt", "--batch-size", "2",
+                         "--checkpoint", need(TINY_CKPT), "--backend", "eager"], cwd=cwd, procs=procs)
 
 
 def test_two_ranks_write_shards_and_an_index_equal_to_one_process(folder):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from distrun import run_diffclip
 from refdata import TINY_CKPT, need
 
 import diffclip
@@ -121,10 +122,6 @@ def test_eval_user_errors_exit_2(tmp_path, capsys):
 def test_torchrun_two_processes_give_the_single_process_metrics(tmp_path, model_bits):
     """`torchrun --nproc-per-node 2 -m diffclip eval ...` (gloo on CPU): images sharded by rank, embeddings
     all-gathered, rank 0 writes; the metrics equal one process's."""
-    import os
-    import subprocess
-    import sys
-
     root = tmp_path / "data"
     for c, name in enumerate(["a_b", "c", "d"]):
         (root / name).mkdir(parents=True)
@@ -134,13 +131,7 @@ def test_torchrun_two_processes_give_the_single_process_metrics(tmp_path, model_
     ck = need(TINY_CKPT)
     common = ["eval", "zeroshot", "--data", str(root), "--checkpoint", ck, "--backend", "eager", "--batch-size", "2"]
     assert main(common + ["--json", str(tmp_path / "one.json")]) == 0
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=repo, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", "29517", "-m", "diffclip", *common, "--json", str(tmp_path / "two.json")],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_diffclip(common + ["--json", str(tmp_path / "two.json")], cwd=tmp_path)
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["processes"] == 2 and one["processes"] == 1

@@ -5,14 +5,13 @@ independent implementation applied to the model's embeddings; torchrun with 2 pr
 
 import io
 import json
-import os
-import subprocess
 import sys
 import tarfile
 
 import numpy as np
 import pytest
 import torch
+from distrun import run_diffclip
 from refdata import TINY_CKPT, need
 
 import diffclip
@@ -130,13 +129,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, coco_root, wds_root, task, d
     common = ["eval", task, "--dataset", dataset, "--data-root", str(root), "--checkpoint", ck, "--backend", "eager",
               "--batch-size", "2"]
     assert main(common + ["--json", str(tmp_path / "one.json")]) == 0
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=repo, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", "29523", "-m", "diffclip", *common, "--json", str(tmp_path / "two.json")],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_diffclip(common + ["--json", str(tmp_path / "two.json")], cwd=tmp_path)
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert (one["processes"], two["processes"]) == (1, 2)
     assert set(one["metrics"]) == set(two["metrics"])
