@@ -81,15 +81,18 @@ def zeroshot_classifier(model, tokenizer, classnames, templates, device, batch_s
     return torch.stack(weights)
 
 
+def top1_top5(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+    """(acc1, acc5 with k capped at the class count, top-1 predictions): one topk, hits within the first k."""
+    topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit = topk == targets[:, None]
+    return hit[:, 0].float().mean().item(), hit.any(1).float().mean().item(), topk[:, 0]
+
+
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     """acc1, acc5 (k capped at the class count) and mean per-class recall (classes present in `targets`)."""
-    n_classes = logits.shape[1]
-    topk = logits.topk(min(5, n_classes), dim=1).indices
-    hit = topk == targets[:, None]
-    pred = topk[:, 0]
+    acc1, acc5, pred = top1_top5(logits, targets)
     recalls = [(pred[targets == c] == c).float().mean().item() for c in targets.unique().tolist()]
-    return {"acc1": hit[:, :1].any(1).float().mean().item(), "acc5": hit.any(1).float().mean().item(),
-            "mean_per_class_recall": sum(recalls) / len(recalls)}
+    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": sum(recalls) / len(recalls)}
 
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, owner: torch.Tensor, ks=(1, 5, 10)):

@@ -170,18 +170,19 @@ def class_embeddings(model, tokenizer, classnames, templates, device) -> torch.T
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, n_classes: int) -> dict[str, float]:
     """CLIP Benchmark's metrics for (N, C) logits: acc1, acc5 (NaN under 5 classes, as it reports),
     mean_per_class_recall (sklearn's balanced accuracy, as it uses); mean_average_precision (its own function) for
-    multi-label targets. Top-k accuracy is computed here as its `accuracy` does (one topk, then hits within the
-    first k): its function calls float() on a one-element array, which NumPy >= 2.4 rejects."""
+    multi-label targets. Top-k accuracy comes from `diffclip.evaluate` (one topk, hits within the first k: what its
+    `accuracy` computes; that function calls float() on a one-element array, which NumPy >= 2.4 rejects)."""
     from clip_benchmark.metrics.zeroshot_classification import average_precision_per_class
     from sklearn.metrics import balanced_accuracy_score
+
+    from .evaluate import top1_top5
 
     logits, targets = logits.float().cpu(), targets.cpu()
     if targets.dim() == 2:
         return {"mean_average_precision": average_precision_per_class(logits, targets).mean().item()}
-    hit = logits.topk(min(5, n_classes), dim=1).indices == targets[:, None]
-    acc5 = hit.any(1).float().mean().item() if n_classes >= 5 else float("nan")
-    pred = logits.argmax(dim=1)
-    return {"acc1": hit[:, 0].float().mean().item(), "acc5": acc5,
+    acc1, acc5, _ = top1_top5(logits, targets)
+    pred = logits.argmax(dim=1)  # as it predicts (argmax, not topk, breaks exact ties)
+    return {"acc1": acc1, "acc5": acc5 if n_classes >= 5 else float("nan"),
             "mean_per_class_recall": float(balanced_accuracy_score(targets.numpy(), pred.numpy()))}
 
 

@@ -15,7 +15,8 @@ Eager calls skip the op machinery: `kernels.diff_attn` runs `DiffAttnFunction` (
 same `_forward` / `_backward_impl`) unless it is being traced (torch.compile, export, make_fx, fake tensors), where
 the ops are required. The custom-op dispatch and its generated autograd cost about 3x the host time of the direct
 path per forward+backward (CPU measurement with the launches stubbed: ~290 vs ~90 µs), and the first H200 run
-suggests (not yet measured) that small-N calls are bound by host time. Both paths run the same functions, so they agree bit for bit.
+suggests (not yet measured) that small-N calls are bound by host time. Both paths run the same functions, so they
+agree bit for bit.
 
 Why `custom_op` rather than `triton_op` + `wrap_triton`: every launch goes through our own policy in Python
 (kernels/configs.py: autotuned, fixed or forced configs, pruned through a side table, under a device guard), which
@@ -125,12 +126,16 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, o2, o_pre)
 
 
-def _backward(ctx, dout, _dlse, _do2, _dopre):
+def _grads(ctx, dout, backward):
+    """The nine input gradients from the saved state, through `backward` (the op, or `_backward_impl`)."""
     q, k, v, lam, norm_weight, o_ref, o2, lse = ctx.saved_tensors
     needs_dlam, needs_dw = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-    dq, dk, dv, dlam, dw = torch.ops.diffattn.diff_attn_backward(
-        dout, q, k, v, lam, norm_weight, o_ref, o2, lse, *ctx.args, needs_dlam, needs_dw)
+    dq, dk, dv, dlam, dw = backward(dout, q, k, v, lam, norm_weight, o_ref, o2, lse, *ctx.args, needs_dlam, needs_dw)
     return dq, dk, dv, dlam if needs_dlam else None, dw if needs_dw else None, None, None, None, None
+
+
+def _backward(ctx, dout, _dlse, _do2, _dopre):
+    return _grads(ctx, dout, torch.ops.diffattn.diff_attn_backward)
 
 
 diff_attn_op.register_autograd(_backward, setup_context=_setup_context)
@@ -138,8 +143,8 @@ diff_attn_op.register_autograd(_backward, setup_context=_setup_context)
 
 class DiffAttnFunction(torch.autograd.Function):
     """The eager path of `kernels.diff_attn` (see the module docstring): the op's forward, saved state and backward
-    without the custom-op dispatch; returns the output only. (The old ctx-in-forward form: the setup_context form
-    with the op's four outputs cost ~70 µs more host time per forward+backward.)"""
+    without the custom-op dispatch; returns the output only. Written in the ctx-in-forward form: the setup_context
+    form, returning the op's four outputs, measured ~70 µs more host time per forward+backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, lam, norm_weight, causal, scale, norm_eps, out_scale):
@@ -149,11 +154,7 @@ class DiffAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, lam, norm_weight, o_ref, o2, lse = ctx.saved_tensors
-        needs_dlam, needs_dw = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        dq, dk, dv, dlam, dw = _backward_impl(dout, q, k, v, lam, norm_weight, o_ref, o2, lse, *ctx.args, needs_dlam,
-                                              needs_dw)
-        return dq, dk, dv, dlam, dw if needs_dw else None, None, None, None, None
+        return _grads(ctx, dout, _backward_impl)
 
 
 def eager_inference(q, k, v, lam, norm_weight, causal, scale, norm_eps, out_scale):
