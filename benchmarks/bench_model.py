@@ -5,9 +5,10 @@
 
 Rows: encode_image at batch 1/32/256 and encode_text at batch 256 (inference, bf16 and fp16), and one training
 step (forward + backward of the CLIP contrastive loss, no optimizer) per backend; images/s or texts/s, step time,
-peak memory. The "plain-clip" row is the same widths with standard SDPA attention. "sdpa+compile" and
-"triton+compile" compile the encoders (fullgraph) on top of those backends. Each backend's embeddings are checked
-against the eager backend's before timing.
+peak memory; median, min and max of at least 10 timed runs. The "plain-clip" row is the same widths with standard
+SDPA attention (see NOTE). "+compile" rows compile the encoder or model per row (see BACKENDS). Each row's
+embeddings are checked against the eager backend's (plain CLIP: its uncompiled self) before timing. The JSON is
+rewritten after every row.
 """
 
 from __future__ import annotations
@@ -21,9 +22,24 @@ import torch.nn.functional as F
 from . import common
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# "+compile": torch.compile(fullgraph=True) of the whole encoder / training step on top of that backend (Inductor on
-# CUDA; aot_eager in the CPU smoke run), so users see what compiling buys on top of the kernel.
-BACKENDS = ("eager", "sdpa", "triton", "sdpa+compile", "triton+compile")
+# "+compile": torch.compile(fullgraph=True, dynamic=False) of the encoder / model forward on top of that backend
+# (Inductor on CUDA; aot_eager in the CPU smoke run), compiled afresh for every (task, batch) row, so no row runs a
+# graph compiled for another batch (or a dynamic-shape one), and checked: the compiled callable's embeddings are
+# compared with the eager backend's before timing, and a row that ran no compiled graph is not timed.
+BACKENDS = ("eager", "sdpa", "triton", "sdpa+compile", "triton+compile", "plain-clip", "plain-clip+compile")
+NOTE = ("plain-clip: the same widths and depths with one packed qkv projection (Linear(width, 3*width)) and one "
+        "SDPA call per layer; DiffCLIP has three projections (q, k, v: three GEMMs and their gradients), the "
+        "lambda re-parametrisation and the per-head RMS norm, so a plain-clip ratio includes those launches, not "
+        "only the attention.")
+
+
+def smoke_config():
+    """The tiny DiffCLIP of the CPU smoke run."""
+    from diffclip import DiffCLIPConfig
+
+    return DiffCLIPConfig(embed_dim=32, vision_width=64, vision_img_size=32, vision_patch_size=16, vision_depth=1,
+                          vision_heads=4, context_length=16, vocab_size=100, text_width=64, text_heads=4,
+                          text_layers=1)
 
 
 def contrastive_loss(out):
@@ -61,9 +77,7 @@ def main(argv=None):
     from .plain_clip import plain_clip
 
     if args.smoke:
-        config = DiffCLIPConfig(embed_dim=32, vision_width=64, vision_img_size=32, vision_patch_size=16,
-                                vision_depth=1, vision_heads=4, context_length=16, vocab_size=100, text_width=64,
-                                text_heads=4, text_layers=1)
+        config = smoke_config()
         dtypes, image_batches, text_batch, train_batch = ["fp32"], [2], 2, 2
     else:
         if on_cpu:
@@ -78,103 +92,118 @@ def main(argv=None):
 
     torch.manual_seed(0)
     rows = []
-    for dtype_name in dtypes:
-        dtype = DTYPES[dtype_name]
-        # One set of DiffCLIP weights whose backend is switched per row, and the plain-CLIP reference model.
-        base = DiffCLIP(config, attn_backend="eager").to(device, dtype).eval()
-        plain = plain_clip(config).to(device, dtype).eval()
-        check_img, check_txt = make_inputs(config, 2, device, dtype)
-        with torch.no_grad():
-            ref = base.set_attn_backend("eager")(check_img, check_txt)
-        for name in [*backends, "plain-clip"]:
-            model = plain if name == "plain-clip" else base
-            row_base = dict(model=name if name == "plain-clip" else "diffclip", backend=name, dtype=dtype_name)
-            err, skipped = None, None
-            attn, compiled = name.split("+")[0], name.endswith("+compile")
-            encode_image, encode_text, forward = model.encode_image, model.encode_text, model
-            try:
-                if compiled:
-                    torch._dynamo.reset()
-                    opts = dict(fullgraph=True, backend="aot_eager" if on_cpu else "inductor")
-                    encode_image, encode_text = (torch.compile(f, **opts) for f in (encode_image, encode_text))
-                    forward = torch.compile(model, **opts)
-                if name != "plain-clip":
-                    model.set_attn_backend(attn)
-                    with torch.no_grad():
-                        out = model(check_img, check_txt)
-                    err = max(((out[k].float() - ref[k].float()).norm() / ref[k].float().norm()).item()
-                              for k in ("image_embed", "text_embed"))
-                    limit = 1e-4 if dtype == torch.float32 else 3e-2
-                    if not err <= limit:
-                        skipped = f"embedding check vs eager failed: rel err {err:.2e} > {limit:.0e}"
-            except Exception as e:
-                skipped = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    extra = {"benchmark": "model", "smoke": args.smoke, "config": config.to_dict(), "note": NOTE,
+             "min_samples": common.MIN_SAMPLES, "interrupted": False}
+
+    def save():
+        if args.json:
+            common.write_json(args.json, env, rows, extra)
+
+    try:
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            # One set of DiffCLIP weights whose backend is switched per row, and the plain-CLIP reference model.
+            base = DiffCLIP(config, attn_backend="eager").to(device, dtype).eval()
+            plain = plain_clip(config).to(device, dtype).eval()
             tasks = [("encode_image", b) for b in image_batches] + [("encode_text", text_batch),
                                                                    ("train_step", train_batch)]
-            for task, batch in tasks:
-                row = dict(row_base, task=task, batch=batch, ms=None, per_s=None, peak_mb=None, rel_err=err,
-                           skipped=skipped)
-                if skipped is None:
-                    try:
-                        image, text = make_inputs(config, batch, device, dtype)
-                        if task == "encode_image":
-                            def step():
-                                with torch.no_grad():
-                                    return encode_image(image)
-                        elif task == "encode_text":
-                            def step():
-                                with torch.no_grad():
-                                    return encode_text(text)
-                        else:
-                            model.train()
-
-                            def step():
-                                contrastive_loss(forward(image, text)).backward()
-                        row["ms"] = common.bench_ms(step, grad_to_none=list(model.parameters()))
-                        row["per_s"] = batch / (row["ms"] * 1e-3)
-                        row["peak_mb"] = common.peak_memory_mb(step)
-                        model.eval()
-                        model.zero_grad(set_to_none=True)
-                    except torch.cuda.OutOfMemoryError:
-                        row["skipped"] = "out of memory"
-                        torch.cuda.empty_cache()
-                    except Exception as e:
-                        row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                rows.append(row)
-                status = f"{row['ms']:.2f} ms" if row["ms"] else f"skipped: {row['skipped']}"
-                print(f"{dtype_name} {name:10} {task:12} B={batch:<4} {status}", flush=True)
-        del plain, base
+            for name in backends:
+                for task, batch in tasks:
+                    row = run_row(name, task, batch, base, plain, config, device, dtype)
+                    rows.append(dict(row, dtype=dtype_name))
+                    status = (f"{row['ms']:.2f} ms [{row['ms_min']:.2f}, {row['ms_max']:.2f}] n={row['n']}"
+                              if row["ms"] else f"skipped: {row['skipped']}")
+                    print(f"{dtype_name} {name:18} {task:12} B={batch:<4} {status}", flush=True)
+                    save()
+            del plain, base
+    except KeyboardInterrupt:  # device_check's `timeout -s INT`: keep what was measured
+        extra["interrupted"] = True
+        print("!! interrupted: the table below has the rows measured so far", flush=True)
+    save()
     print()
-    common.print_table(rows, [("model", "model", "10"), ("backend", "backend", "14"), ("dtype", "dtype", "5"),
+    common.print_table(rows, [("model", "model", "10"), ("backend", "backend", "18"), ("dtype", "dtype", "5"),
                               ("task", "task", "12"), ("batch", "batch", "d"), ("ms", "ms", ".2f"),
-                              ("per_s", "items/s", ".0f"), ("peak_mb", "peak MB", ".0f")])
-    extra = {"benchmark": "model", "smoke": args.smoke, "config": config.to_dict()}
-    if args.json:
-        common.write_json(args.json, env, rows, extra)
+                              ("ms_min", "min", ".2f"), ("ms_max", "max", ".2f"), ("per_s", "items/s", ".0f"),
+                              ("peak_mb", "peak MB", ".0f")])
+    print(f"note: {NOTE}")
     if args.plot:
-        plot(rows, args.plot, env["device"])
-    return 0
+        from .plots import plot_model
+
+        plot_model(rows, args.plot, env["device"])
+    return 130 if extra["interrupted"] else 0
 
 
-def plot(rows, path, device=""):
-    import matplotlib
+def _embed(task, fn, image, text):
+    """The embeddings a row's callable produces, for the check against the eager backend."""
+    if task == "encode_image":
+        return {"image_embed": fn(image)}
+    if task == "encode_text":
+        return {"text_embed": fn(text)}
+    out = fn(image, text)
+    return {k: out[k] for k in ("image_embed", "text_embed")}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    tasks = [t for t in ("encode_image", "encode_text", "train_step") if any(r["task"] == t for r in rows)]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        sel = [r for r in rows if r["task"] == task and r["ms"]]
-        labels = [f"{r['backend']}\n{r['dtype']} B{r['batch']}" for r in sel]
-        ax.bar(range(len(sel)), [r["per_s"] for r in sel])
-        ax.set_xticks(range(len(sel)), labels, rotation=90, fontsize=7)
-        ax.set_ylabel("items/s")
-        ax.set_title(task)
-    fig.suptitle(f"DiffCLIP ViT-B/16 on {device}" if device else "DiffCLIP", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def run_row(name, task, batch, base, plain, config, device, dtype):
+    """One (backend, task, batch) row: check, then time. A failure is recorded as the row's reason."""
+    from .providers import Compiled
+
+    is_plain = name.startswith("plain-clip")
+    model = plain if is_plain else base
+    compiled = name.endswith("+compile")
+    row = dict(model="plain-clip" if is_plain else "diffclip", backend=name, task=task, batch=batch, ms=None,
+               ms_min=None, ms_max=None, n=None, per_s=None, peak_mb=None, rel_err=None, skipped=None)
+    try:
+        image, text = make_inputs(config, batch, device, dtype)
+        train = task == "train_step"
+        fn = {"encode_image": model.encode_image, "encode_text": model.encode_text, "train_step": model}[task]
+        # The reference: the eager backend (DiffCLIP) or the uncompiled model (plain CLIP), eval mode, no grad.
+        if not is_plain:
+            model.set_attn_backend("eager")
+        with torch.no_grad():
+            ref = _embed(task, fn, image, text)
+            if not is_plain:
+                model.set_attn_backend(name.split("+")[0])
+        if compiled:
+            torch._dynamo.reset()
+            fn = Compiled(fn, fullgraph=True)
+        model.train(train)
+        with torch.set_grad_enabled(train):
+            out = _embed(task, fn, image, text)  # in the timed step's mode: the check compiles the timed graph
+        row["rel_err"] = max(((out[k].float() - ref[k].float()).norm() / ref[k].float().norm()).item() for k in ref)
+        limit = 1e-4 if dtype == torch.float32 else 3e-2
+        if not row["rel_err"] <= limit:
+            row["skipped"] = f"embedding check vs eager failed: rel err {row['rel_err']:.2e} > {limit:.0e}"
+            return row
+        if compiled and (fn.graphs == 0 or fn.runs == 0):
+            row["skipped"] = "torch.compile ran no compiled graph (eager fallback): not timed"
+            return row
+        graphs = fn.graphs if compiled else 0
+        if task == "encode_image":
+            def step():
+                with torch.no_grad():
+                    return fn(image)
+        elif task == "encode_text":
+            def step():
+                with torch.no_grad():
+                    return fn(text)
+        else:
+            def step():
+                contrastive_loss(fn(image, text)).backward()
+        t = common.bench(step, grad_to_none=list(model.parameters()))
+        if compiled and fn.graphs != graphs:
+            row["skipped"] = f"torch.compile recompiled while timing ({graphs} -> {fn.graphs} graphs)"
+            return row
+        row.update(ms=t["ms"], ms_min=t["ms_min"], ms_max=t["ms_max"], n=t["n"], per_s=batch / (t["ms"] * 1e-3))
+        row["peak_mb"] = common.peak_memory_mb(step)
+    except torch.cuda.OutOfMemoryError:
+        row["skipped"] = "out of memory"
+        torch.cuda.empty_cache()
+    except Exception as e:
+        row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    finally:
+        model.eval()
+        model.zero_grad(set_to_none=True)
+    return row
 
 
 if __name__ == "__main__":

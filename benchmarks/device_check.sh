@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# One command for a lent GPU, about 6-7 minutes (step timeouts 180 + 150 + 70 + 45 s; the first H200 run of the old
-# 160 + 120 + 70 s script took 240 s): prints the GPU/driver/torch/Triton, runs the GPU tests (two pytest processes
-# side by side: kernels, and model + benchmarks), then the op benchmark (forward, and forward+backward) at the
-# DiffCLIP shapes and N=4096 against eager PyTorch and SDPA with a time-boxed config sweep, then a reduced end-to-end
-# model benchmark, then a profile of one forward+backward at the DiffCLIP shapes. At most 8 files go to $OUT (or the
-# folder given as $1): the device tool returns no more.
+# One command for a lent GPU, at most about 6.5 minutes: benchmarks first (what a device window is for), then the
+# GPU tests.
+#   1. op benchmark (bf16): the plan in bench_diff_attn.DEVICE_CHECK, most important rows first (N = 4096 d = 64,
+#      the DiffCLIP shapes, d = 128, causal, N = 1024 / 8192) against every baseline a user would run, with a row
+#      budget, then a time-boxed config sweep (each kernel timed alone, two passes);
+#   2. model benchmark (encode_image/encode_text B=256, train step B=128; eager, sdpa, triton, plain CLIP);
+#   3. profile of one forward+backward at the DiffCLIP shapes (GPU time per kernel, host time);
+#   4. GPU tests (bf16 numerics, determinism, the model, 64-bit offsets, Inductor/CUDA graphs), two processes.
+# Every step runs under `timeout -s INT`: Python sees KeyboardInterrupt, so the benchmarks keep the JSON they rewrite
+# after every row and pytest prints its summary; a step that ignores it is killed 10-15 s later. Each test also has
+# its own limit (DIFFCLIP_TEST_TIMEOUT_S, tests/conftest.py), so one hung test cannot eat the step. No output is
+# piped through `head` (an early-closing pipe kills the writer with BrokenPipeError). At most 8 files go to $OUT
+# (or the folder given as $1): the device tool returns no more.
 #
 #   PYTHONPATH=. bash benchmarks/device_check.sh [OUTDIR]
 #
-# Copy the JSON files into benchmarks/results/ named with the date and the card, and commit them.
+# Copy the files into benchmarks/results/<date>-<card>/ unedited and commit them (`python -m benchmarks.plots
+# OUTDIR/bench_diff_attn.json plot.png` redraws the plot locally).
 #
 # Without a CUDA device it runs as a dry run (Triton interpreter, --smoke sizes, a few CPU tests) so that the
 # script's own plumbing is tested in CI before device time is spent on it.
@@ -20,6 +28,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python}"  # the interpreter with torch and Triton
 status=0
 SMOKE=()
+# Step limits in seconds (the sum, plus the kill grace, stays under 7 minutes).
+T_OP=170 T_MODEL=60 T_PROFILE=30 T_TESTS=120
+export DIFFCLIP_TEST_TIMEOUT_S="${DIFFCLIP_TEST_TIMEOUT_S:-60}"
 # GPU-only checks: bf16 numerics (incl. correlated maps), determinism, the model, 64-bit row offsets (fused-QKV
 # layout, rows > 2^31 elements apart), the autotune disk cache, a second GPU when there is one.
 # (The ahead-of-time compile check is marked "aot" and runs in CPU CI, not here.)
@@ -36,21 +47,48 @@ if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
     TEST_FILTER="deterministic"
 fi
 
+# step NAME LIMIT LOG COMMAND...: run with `timeout -s INT`, output to LOG (and its tail to the console).
+step() {
+    local name="$1" limit="$2" log="$3"; shift 3
+    echo "== $name (limit ${limit} s)"
+    timeout -s INT -k 10 "$limit" "$@" > "$log" 2>&1
+    local rc=$?
+    tail -n 25 "$log"
+    echo "-- $name: exit $rc"
+    [ "$rc" -eq 0 ] || status=1
+}
+
 echo "== environment"
 if [ ${#SMOKE[@]} -eq 0 ]; then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || status=1; fi
 "$PY" - <<'PY' | tee "$OUTDIR/environment.txt"
 import torch, triton
-print("torch", torch.__version__, "| cuda", torch.version.cuda, "| triton", triton.__version__)
+print("torch", torch.__version__, "| cuda", torch.version.cuda, "| cudnn", torch.backends.cudnn.version(),
+      "| triton", triton.__version__)
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE")
 PY
 
-echo "== GPU tests (bf16 numerics, determinism, model backends; the compile check runs in CPU CI)"
+step "op benchmark: DEVICE_CHECK plan, bf16, then a reduced config sweep" "$T_OP" "$OUTDIR/bench_diff_attn.log" \
+    "$PY" -m benchmarks.bench_diff_attn --shapes device-check --dtypes bf16 --budget-s 115 \
+    --sweep reduced --sweep-budget-s 30 --json "$OUTDIR/bench_diff_attn.json" "${SMOKE[@]}"
+
+# (+compile model rows: benchmarks/device_check_compile.sh, a second device call — Inductor compiling ViT-B/16 per
+# row does not fit this script's budget.)
+step "model benchmark: encode_image B=256, encode_text B=256, train step B=128, bf16" "$T_MODEL" \
+    "$OUTDIR/bench_model.log" \
+    "$PY" -m benchmarks.bench_model --dtypes bf16 --image-batches 256 --text-batch 256 --train-batch 128 \
+    --backends eager,sdpa,triton,plain-clip --json "$OUTDIR/bench_model.json" "${SMOKE[@]}"
+
+step "profile: one forward+backward, triton and sdpa2, text and vision" "$T_PROFILE" "$OUTDIR/profile.log" \
+    "$PY" -m benchmarks.profile_op --shapes text,vision --providers triton,sdpa2 --json "$OUTDIR/profile.json" \
+    "${SMOKE[@]}"
+
+echo "== GPU tests (limit ${T_TESTS} s, ${DIFFCLIP_TEST_TIMEOUT_S} s per test; the compile check runs in CPU CI)"
 # No -x: one failure must not hide the others. Two processes (Triton compiles on one CPU core each).
 TESTS_TMP="$(mktemp -d)"
 run_tests() {  # name, test paths...
     local name="$1"; shift
-    timeout 180 "$PY" -m pytest "$@" -q -p no:cacheprovider -rfE --durations=8 -m "not aot" -k "$TEST_FILTER" \
-        > "$TESTS_TMP/$name.log" 2>&1
+    timeout -s INT -k 15 "$T_TESTS" "$PY" -m pytest "$@" -q -p no:cacheprovider -rfE --durations=8 -m "not aot" \
+        -k "$TEST_FILTER" > "$TESTS_TMP/$name.log" 2>&1
     echo "$?" > "$TESTS_TMP/$name.rc"
 }
 run_tests kernels tests/kernels &
@@ -63,29 +101,6 @@ for name in kernels model; do
     # 5: no test selected (a group the filter leaves empty) is not a failure
     [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || status=1
 done
-
-echo "== op benchmark: forward and forward+backward, bf16, and a reduced config sweep"
-timeout 150 "$PY" -m benchmarks.bench_diff_attn --shapes device-check --modes fwd,fwd+bwd --dtypes bf16 \
-    --providers triton,eager,sdpa2,sdpa4 --sweep reduced --sweep-budget-s 40 \
-    --json "$OUTDIR/bench_diff_attn.json" --plot "$OUTDIR/bench_diff_attn.png" \
-    "${SMOKE[@]}" \
-    2>&1 | tee "$OUTDIR/bench_diff_attn.log" | tail -n 30
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-echo "== model benchmark: encode_image B=256, encode_text B=256, train step B=128, bf16"
-# (The +compile rows are left to full runs: Inductor compiling ViT-B/16 three times would not fit the budget. No
-# plot: the JSON holds it, and $OUT returns at most 8 files.)
-timeout 70 "$PY" -m benchmarks.bench_model --dtypes bf16 --image-batches 256 --text-batch 256 --train-batch 128 \
-    --backends eager,sdpa,triton \
-    --json "$OUTDIR/bench_model.json" "${SMOKE[@]}" \
-    2>&1 | tee "$OUTDIR/bench_model.log" | tail -n 20
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-echo "== profile: one forward+backward, triton and two SDPA calls, text and vision (GPU time per kernel, host time)"
-timeout 45 "$PY" -m benchmarks.profile_op --shapes text,vision --providers triton,sdpa2 \
-    --json "$OUTDIR/profile.json" "${SMOKE[@]}" \
-    2>&1 | tee -a "$OUTDIR/bench_diff_attn.log" | grep -E "^(==|   (GPU|host))" | head -n 60
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== done (status $status); results in $OUTDIR"
 exit $status

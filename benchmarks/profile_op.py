@@ -24,17 +24,35 @@ SHAPES = {  # label -> (B, H, N, d, causal): the DiffCLIP encoders at batch 256
 SMOKE_SHAPE = ("smoke", (1, 1, 40, 16, True))
 
 
+def summarize(events, steps: int, top: int = 10) -> dict:
+    """GPU time per step from the device kernel events only (`common.device_kernel_events`: torch's own rule; the
+    device time torch attaches to CPU ops is those same kernels, and user annotations are not kernels), the top
+    kernels, and the top host ops by self CPU time (as listed by the profiler, overhead included)."""
+    gpu = sorted(common.device_kernel_events(events), key=common.device_us, reverse=True)
+    on_gpu = {id(e) for e in gpu}
+    host = sorted((e for e in events if id(e) not in on_gpu), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {
+        "gpu_us_per_step": sum(common.device_us(e) for e in gpu) / steps,
+        "top_gpu": [{"name": e.key[:90], "us_per_step": common.device_us(e) / steps,
+                     "calls_per_step": e.count / steps} for e in gpu[:top]],
+        "top_host": [{"name": e.key[:90], "us_per_step": e.self_cpu_time_total / steps,
+                      "calls_per_step": e.count / steps} for e in host[:top]],
+    }
+
+
 def profile_case(provider: str, label: str, shape: tuple, dtype: torch.dtype, device: torch.device, steps: int = 5,
                  top: int = 10) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from .providers import PROVIDERS
+    from .providers import fresh
 
     B, H, N, d, causal = shape
-    fn = PROVIDERS[provider]
+    fn = fresh(provider)
     q, k, v, lam = common.qkv_inputs(B, H, N, d, dtype, device, grad=True)
 
     def step():
+        for t in (q, k, v):  # no gradient accumulation kernels in the profile
+            t.grad = None
         fn(q, k, v, lam, causal=causal).backward(dout)
 
     dout = torch.randn_like(fn(q, k, v, lam, causal=causal))
@@ -47,22 +65,15 @@ def profile_case(provider: str, label: str, shape: tuple, dtype: torch.dtype, de
         for _ in range(steps):
             step()
         sync()
-    events = prof.key_averages()
-    device_us = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
-    gpu = sorted((e for e in events if device_us(e) > 0), key=device_us, reverse=True)
-    host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
-    result = {
-        "provider": provider, "shape": label, "B": B, "H": H, "N": N, "d": d, "causal": causal, "dtype": str(dtype).removeprefix("torch."),
-        "steps": steps,
-        "gpu_us_per_step": sum(device_us(e) for e in gpu) / steps,
-        "host_us_per_step": sum(e.self_cpu_time_total for e in events) / steps,
-        "top_gpu": [{"name": e.key[:90], "us_per_step": device_us(e) / steps, "calls_per_step": e.count / steps}
-                    for e in gpu[:top]],
-        "top_host": [{"name": e.key[:90], "us_per_step": e.self_cpu_time_total / steps,
-                      "calls_per_step": e.count / steps} for e in host[:top]],
-    }
+    result = summarize(prof.key_averages(), steps, top)
+    # Host time from host_ms (no profiler attached): the profiler's own CPU events include its overhead.
+    host = common.host_ms(step)
+    result = {"provider": provider, "shape": label, "B": B, "H": H, "N": N, "d": d, "causal": causal,
+              "dtype": str(dtype).removeprefix("torch."), "steps": steps,
+              "host_us_per_step": host * 1e3 if host is not None else None, **result}
+    host_txt = f"{result['host_us_per_step']:.0f} us/step" if result["host_us_per_step"] is not None else "n/a"
     print(f"== {provider} {label} B={B} N={N} fwd+bwd: GPU {result['gpu_us_per_step']:.0f} us/step, "
-          f"host {result['host_us_per_step']:.0f} us/step")
+          f"host {host_txt}")
     for title, rows in (("GPU", result["top_gpu"]), ("host", result["top_host"])):
         for r in rows:
             print(f"   {title:4} {r['us_per_step']:9.1f} us  x{r['calls_per_step']:<5g} {r['name']}")
@@ -96,15 +107,19 @@ def main(argv=None) -> int:
     env = common.environment()
     print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | {env['git_sha']}", flush=True)
     results = []
-    for label, shape in shapes:
-        for prov in providers:
-            try:
-                results.append(profile_case(prov, label, shape, dtype, device, steps=args.steps))
-            except Exception as e:  # one failing case must not lose the others
-                print(f"== {prov} {label}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-                results.append({"provider": prov, "shape": label, "skipped": f"{type(e).__name__}: {e}"[:300]})
-    if args.json:
-        common.write_json(args.json, env, results, {"benchmark": "profile_op"})
+    try:
+        for label, shape in shapes:
+            for prov in providers:
+                try:
+                    results.append(profile_case(prov, label, shape, dtype, device, steps=args.steps))
+                except Exception as e:  # one failing case must not lose the others
+                    print(f"== {prov} {label}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                    results.append({"provider": prov, "shape": label, "skipped": f"{type(e).__name__}: {e}"[:300]})
+                if args.json:  # after every case: a run cut short keeps the cases it finished
+                    common.write_json(args.json, env, results, {"benchmark": "profile_op"})
+    except KeyboardInterrupt:
+        print("!! interrupted: the JSON has the cases finished so far", flush=True)
+        return 130
     return 0
 
 

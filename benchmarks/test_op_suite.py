@@ -10,7 +10,7 @@ wall-clock numbers cover the kernel.
 import pytest
 import torch
 
-from benchmarks.providers import PROVIDERS, skip_reason
+from benchmarks.providers import COMPILED, PROVIDERS, fresh, skip_reason
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -24,11 +24,11 @@ SHAPES = ([("vision", 32, 6, 197, 64, False), ("text", 256, 4, 77, 64, True)] if
                                                   for s in SHAPES])
 def test_forward(benchmark, provider, label, B, H, N, d, causal):
     reason = skip_reason(provider, DEVICE)
-    if reason is None and provider == "compile" and not CUDA:
+    if reason is None and provider in COMPILED and not CUDA:
         reason = "torch.compile takes tens of seconds to build per shape on CPU; the CPU suite is a smoke run"
     if reason:
         pytest.skip(reason)
-    fn = PROVIDERS[provider]
+    fn = fresh(provider)
     q = torch.randn(B, 2 * H, N, d, device=DEVICE, dtype=DTYPE)
     k = torch.randn(B, 2 * H, N, d, device=DEVICE, dtype=DTYPE)
     v = torch.randn(B, H, N, 2 * d, device=DEVICE, dtype=DTYPE)

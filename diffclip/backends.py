@@ -3,7 +3,7 @@
 | name   | implementation                                   | runs on                                    |
 |--------|--------------------------------------------------|--------------------------------------------|
 | eager  | `kernels.diff_attn_reference` (both N x N maps)  | anywhere                                   |
-| sdpa   | two `F.scaled_dot_product_attention` calls       | anywhere                                   |
+| sdpa   | two `F.scaled_dot_product_attention` calls, difference and norm in the activation dtype | anywhere |
 | triton | `kernels.diff_attn`, norm epilogue fused         | CUDA with Triton; CPU with TRITON_INTERPRET=1 |
 | auto   | triton on CUDA in fp16/bf16 when Triton imports, else sdpa | anywhere                         |
 
@@ -20,31 +20,47 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import rms_norm_epilogue
 
 ENV_VAR = "DIFFCLIP_ATTN_BACKEND"
 
 
 def combine_outputs(o1, o2, lam, dtype, norm_weight=None, norm_eps=1e-5, out_scale=1.0):
-    """o1 − λ·o2 in fp32 from the two maps' outputs (B, H, N, 2d), then the optional RMS-norm epilogue, cast to
-    `dtype`. λ: number, 0-d, (H,) or broadcastable to (B, H, N)."""
-    acc = torch.promote_types(o1.dtype, torch.float32)
+    """o1 − λ·o2 from the two maps' outputs (B, H, N, 2d), then the optional RMS-norm epilogue, in `dtype`.
+
+    What a user of two SDPA calls writes (timm's DiffAttention; the official code takes the difference in the
+    activation dtype too), in as few kernels as PyTorch allows: one `addcmul` (fp32 arithmetic inside, one
+    rounding of the result) and one fused `rms_norm` (fp32 statistics) with out_scale folded into its weight. λ is
+    rounded to the activation dtype for the product, as in those codes (a number λ stays exact); the triton
+    backend keeps λ and the difference in fp32. fp32 inputs stay fp32 throughout.
+    λ: number, 0-d, (H,) or broadcastable to (B, H, N).
+    """
+    o1, o2 = o1.to(dtype), o2.to(dtype)
     if isinstance(lam, torch.Tensor):
-        lam = lam.to(acc)
+        lam = lam.to(dtype)
         if lam.dim() == 1:  # per head: (H,) -> (H, 1, 1)
             lam = lam.view(-1, 1, 1)
         elif lam.dim() >= 2:  # (.., H, N) -> (.., H, N, 1), broadcast over the 2d features
             lam = lam.unsqueeze(-1)
-    o = o1.to(acc) - lam * o2.to(acc)
+        o = torch.addcmul(o1, o2, lam, value=-1)
+    else:
+        o = torch.add(o1, o2, alpha=-lam)
     if norm_weight is not None:
-        return rms_norm_epilogue(o, norm_weight, norm_eps, out_scale).to(dtype)
-    return (o * out_scale).to(dtype)
+        # (2d,) weight times a number: folding out_scale here costs nothing and saves a pass over the output.
+        w = (norm_weight.to(torch.promote_types(dtype, torch.float32)) * out_scale).to(dtype)
+        return F.rms_norm(o, (o.shape[-1],), w, norm_eps)
+    return o if out_scale == 1.0 else o * out_scale
+
+
+def sdpa_pairs(q, k, v, causal=False, scale=None):
+    """The two maps' outputs (B, H, N, 2d) by two SDPA calls: query/key heads 2h and 2h+1 against V of head h."""
+    o1 = F.scaled_dot_product_attention(q[:, 0::2], k[:, 0::2], v, is_causal=causal, scale=scale)
+    o2 = F.scaled_dot_product_attention(q[:, 1::2], k[:, 1::2], v, is_causal=causal, scale=scale)
+    return o1, o2
 
 
 def sdpa_diff_attn(q, k, v, lam, *, causal=False, scale=None, norm_weight=None, norm_eps=1e-5, out_scale=1.0):
-    """Differential attention as two SDPA calls (query/key heads 2h and 2h+1 against the 2d-wide V of head h)."""
-    o1 = F.scaled_dot_product_attention(q[:, 0::2], k[:, 0::2], v, is_causal=causal, scale=scale)
-    o2 = F.scaled_dot_product_attention(q[:, 1::2], k[:, 1::2], v, is_causal=causal, scale=scale)
+    """Differential attention as two SDPA calls and `combine_outputs`."""
+    o1, o2 = sdpa_pairs(q, k, v, causal, scale)
     return combine_outputs(o1, o2, lam, q.dtype, norm_weight, norm_eps, out_scale)
 
 

@@ -58,3 +58,28 @@ def diff_attn_reference(
     elif out_scale != 1.0:
         out = (out.to(acc) * out_scale).to(q.dtype)
     return out
+
+
+def diff_attn_official(q, k, v, lam, *, causal=False, scale=None, norm_weight=None, norm_eps=1e-5, out_scale=1.0):
+    """The official Diff-Transformer code's dtype handling (microsoft/unilm, Diff-Transformer/multihead_diffattn.py,
+    which DiffCLIP's official code follows), on this module's layout: q scaled in the input dtype before QKᵀ,
+    scores in the input dtype, `nan_to_num`, softmax in fp32 cast back, λ cast to the input dtype and the
+    difference P1 − λP2 taken in it, one product with V, then the RMS norm in fp32 cast back, times the weight and
+    out_scale in the input dtype. A baseline for speed and accuracy comparisons (benchmarks' `eager-official`,
+    tests/kernels/test_accuracy.py), not a reference: `diff_attn_reference` is the exact one."""
+    args = check_diff_attn_args(
+        q, k, v, lam, causal=causal, scale=scale, norm_weight=norm_weight, norm_eps=norm_eps,
+        out_scale=out_scale, for_kernel=False,
+    )
+    B, H, N = args.batch, args.heads, args.seqlen
+    scores = torch.nan_to_num(torch.matmul(q * args.scale, k.transpose(-1, -2)))
+    if causal:
+        scores = scores.masked_fill(~torch.ones(N, N, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).type_as(scores).view(B, H, 2, N, N)
+    attn = probs[:, :, 0] - args.lam.to(q.dtype)[..., None] * probs[:, :, 1]
+    out = torch.matmul(attn, v)
+    if norm_weight is not None:
+        of = out.float() if out.dtype != torch.float64 else out
+        out = (of * torch.rsqrt(of.pow(2).mean(dim=-1, keepdim=True) + norm_eps)).type_as(out)
+        out = out * norm_weight.to(out.dtype)
+    return out * out_scale if out_scale != 1.0 else out

@@ -2,6 +2,7 @@
 Triton is first imported; this file is loaded by pytest before any test module, so it is set here."""
 
 import os
+import signal
 import sys
 
 import pytest
@@ -39,3 +40,31 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (bf16 numerics, timings)")
     config.addinivalue_line("markers", "slow: long-running on CPU")
     config.addinivalue_line("markers", "aot: ahead-of-time compilation for sm_80/sm_90 (CPU CI; skipped by device_check)")
+
+
+# Per-test time limit (seconds) from $DIFFCLIP_TEST_TIMEOUT_S, used by benchmarks/device_check.sh so that one hung
+# test on a lent GPU fails alone instead of taking the whole step (and its summary) with it. SIGALRM-based, so it
+# needs no plugin the GPU image may lack; main thread only (where pytest runs tests). Unset or 0: no limit.
+_TEST_TIMEOUT_S = float(os.environ.get("DIFFCLIP_TEST_TIMEOUT_S", "0") or 0)
+
+
+class TestTimeout(Exception):
+    pass
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    if _TEST_TIMEOUT_S <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TestTimeout(f"{item.nodeid} ran past DIFFCLIP_TEST_TIMEOUT_S={_TEST_TIMEOUT_S:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, _TEST_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

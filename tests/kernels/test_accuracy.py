@@ -2,7 +2,8 @@
 epilogue amplifying what is left of their difference. The kernel rounds P1 and P2 to the input dtype separately
 before the products with V (then subtracts in fp32), so it is not as exact as rounding the difference once; it must
 stay at least as accurate as the two ways people compute this today: two SDPA calls (the model's sdpa backend) and
-the official eager formulation (softmax in fp32, cast, difference and product in the input dtype)."""
+the official eager formulation (`kernels.reference.diff_attn_official`: softmax in fp32, cast, difference and
+product in the input dtype)."""
 
 import pytest
 import torch
@@ -10,21 +11,11 @@ from cases import make_qkv
 from conftest import DEVICE
 
 from diffclip.backends import sdpa_diff_attn
-from kernels import diff_attn, diff_attn_reference, rms_norm_epilogue
+from kernels import diff_attn, diff_attn_reference
+from kernels.reference import diff_attn_official
 
 pytest.importorskip("triton")
 DTYPES = [torch.float16] if DEVICE == "cpu" else [torch.float16, torch.bfloat16]
-
-
-def official_eager(q, k, v, lam, *, causal, norm_weight, out_scale):
-    """DiffCLIP / Diff-Transformer's reference code path, in the input dtype."""
-    B, H2, N, d = q.shape
-    s = torch.matmul(q, k.transpose(-1, -2)) * d**-0.5
-    if causal:
-        s = s.masked_fill(~torch.ones(N, N, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-    p = torch.softmax(s, dim=-1, dtype=torch.float32).type_as(s).view(B, H2 // 2, 2, N, N)
-    attn = p[:, :, 0] - lam * p[:, :, 1]  # a 0-d fp32 λ does not promote: the difference is in the input dtype
-    return rms_norm_epilogue(torch.matmul(attn, v), norm_weight, 1e-5, out_scale)
 
 
 def _rel_err(x, ref):
@@ -49,6 +40,6 @@ def test_correlated_maps_at_least_as_accurate_as_sdpa_and_official(dtype, causal
                               causal=causal, out_scale=0.2)
     ours = _rel_err(diff_attn(q, k, v, lam, **kw), ref)
     two_sdpa = _rel_err(sdpa_diff_attn(q, k, v, lam, **kw), ref)
-    official = _rel_err(official_eager(q, k, v, lam, **kw), ref)
+    official = _rel_err(diff_attn_official(q, k, v, lam, **kw), ref)
     assert ours <= two_sdpa, f"kernel {ours:.2e} vs two SDPA calls {two_sdpa:.2e}"
     assert ours <= official, f"kernel {ours:.2e} vs official eager {official:.2e}"
