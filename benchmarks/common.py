@@ -204,6 +204,21 @@ def kernel_ms(step, name: str, *, iters: int = MIN_SAMPLES, grad_to_none=None) -
     return timing(per_step_ms(prof.events(), name, iters))
 
 
+def kernel_names(step) -> list | None:
+    """The distinct device kernels one call of `step` launches, in launch order (which SDPA backend ran: cuDNN,
+    FlashAttention, memory-efficient). None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = sorted(device_kernel_events(prof.events()), key=lambda e: e.time_range.start)
+    return list(dict.fromkeys(e.name[:120] for e in events))
+
+
 def per_step_ms(events, name: str, steps: int) -> list:
     """Device milliseconds per step of the kernels named like `name`, from a profile of `steps` identical steps:
     the matching device kernel events in launch order, split into `steps` equal groups."""

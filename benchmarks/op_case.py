@@ -156,6 +156,8 @@ def run_case(provider, label, B, H, N, d, causal, dtype_name, mode, device):
 
             row["configs"] = {k: configs.describe(configs.LAST_CONFIG[k])
                               for k in (("fwd",) if mode == "fwd" else configs.KERNELS)}
+        if device.type == "cuda":  # which kernels ran (the SDPA backend chosen, the fused combine, ...)
+            row["kernels"] = common.kernel_names(step)
         if device.type == "cuda" and mode != "bwd":
             t, row["graph_skipped"] = graph_timing(fn, q, k, v, lam, causal, mode)
             _set_timing(row, "graph_", t)

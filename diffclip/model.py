@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from . import backends
 from .config import DiffCLIPConfig
-from .layers import DiffAttention, LayerNorm, TextMlp, VisionMlp
+from .layers import DiffAttention, LayerNorm, TextMlp, VisionMlp, tower_lambdas
 
 
 class VisionBlock(nn.Module):
@@ -21,8 +21,8 @@ class VisionBlock(nn.Module):
         self.norm2 = LayerNorm(width, eps=1e-5)
         self.mlp = VisionMlp(width, 4 * width)
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, lam=None):
+        x = x + self.attn(self.norm1(x), lam)
         return x + self.mlp(self.norm2(x))
 
 
@@ -34,8 +34,8 @@ class TextBlock(nn.Module):
         self.ln_2 = LayerNorm(width, eps=1e-5)
         self.mlp = TextMlp(width, 4 * width)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, lam=None):
+        x = x + self.attn(self.ln_1(x), lam)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -64,8 +64,9 @@ class VisionTransformer(nn.Module):
     def forward(self, image):
         x = self.patch_embed(image)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1) + self.pos_embed.to(x.dtype)
-        for block in self.blocks:
-            x = block(x)
+        lams = tower_lambdas([block.attn for block in self.blocks])  # every layer's λ at once
+        for block, lam in zip(self.blocks, lams):
+            x = block(x, lam)
         return self.norm(x)[:, 0]
 
 
@@ -169,8 +170,9 @@ class DiffCLIP(nn.Module):
         eot = text.argmax(dim=-1)
         text = text[:, : _last_needed_position(eot, text.shape[1])]
         x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]
-        for block in self.transformer.resblocks:
-            x = block(x)
+        lams = tower_lambdas([block.attn for block in self.transformer.resblocks])
+        for block, lam in zip(self.transformer.resblocks, lams):
+            x = block(x, lam)
         x = self.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]
         return x @ self.text_projection

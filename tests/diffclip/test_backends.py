@@ -91,8 +91,8 @@ def test_triton_backend_gets_projection_views_and_fused_norm(monkeypatch):
     monkeypatch.setitem(backends.BACKENDS, "triton", (spy, reason))
     model = DiffCLIP(TINY, attn_backend="triton")
     model.encode_image(torch.randn(1, 3, 32, 32))
-    N, C, d = 5, 32, 16  # 4 patches + class token; width 32; 2 heads of 16
-    assert seen["q_stride"] == (N * C, d, C, 1) and seen["v_stride"] == (N * C, 2 * d, C, 1)
+    N, C, d = 5, 32, 16  # 4 patches + class token; width 32; 2 heads of 16; rows of the packed q|k|v projection
+    assert seen["q_stride"] == (N * 3 * C, d, 3 * C, 1) and seen["v_stride"] == (N * 3 * C, 2 * d, 3 * C, 1)
     assert seen["norm"] and seen["out_scale"] == pytest.approx(1 - TINY.lambda_init)
 
 

@@ -44,7 +44,7 @@ def test_backends_agree_and_train(tiny_io):
         out = model(image, text)
         (out["image_embed"].square().sum() + out["text_embed"].square().sum()).backward()
         grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    names = [n for n in grads["eager"] if "lambda" in n or "diff_norm" in n or "q_proj" in n]
+    names = [n for n in grads["eager"] if "lambda" in n or "diff_norm" in n or "qkv_proj" in n]
     assert names
     for backend in ("sdpa", "triton"):
         assert set(grads[backend]) == set(grads["eager"])
