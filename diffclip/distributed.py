@@ -62,3 +62,11 @@ def gather_objects(obj, world_size: int) -> list:
     out = [None] * world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def sharded_rows(class_fn, classnames, dim, device, rank, world):
+    """(classes, D) zero-shot weights, classes[rank::world] computed on each rank and all-gathered (per class the
+    computation is independent, so this equals one process's result)."""
+    mine = classnames[rank::world]
+    local = class_fn(mine) if mine else torch.zeros(0, dim, device=device)
+    return gather_rows(local.float(), len(classnames), rank, world)

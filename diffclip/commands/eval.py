@@ -1,0 +1,170 @@
+"""`diffclip eval zeroshot|retrieval`: metrics on an ImageFolder tree / image,caption CSV (`--data`) or on a CLIP
+Benchmark dataset (`--dataset`, see eval_named.py); one process or torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .. import distributed
+from ..outputs import AtomicOutputs
+from .common import UsageError, add_model_args, check_template, load_model, open_images, read_lines
+
+
+def add_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="zero-shot classification or retrieval metrics on a labelled dataset")
+    evsub = ev.add_subparsers(dest="task", required=True)
+    zs_ev = evsub.add_parser("zeroshot", help="ImageFolder tree (one sub-folder per class) or a CLIP Benchmark "
+                             "dataset: acc1, acc5, mean per-class recall")
+    zs_src = zs_ev.add_mutually_exclusive_group(required=True)
+    zs_src.add_argument("--data", help="folder with one sub-folder of images per class")
+    zs_ev.add_argument("--classnames", help="with --data: file with one class name per line, in sorted-folder "
+                       "order (default: the folder names, '_' read as a space)")
+    zs_ev.add_argument("--templates", help="with --data: file with one prompt template per line, {} marks the "
+                       "class name (default: the 80 ImageNet templates of CLIP)")
+    rt_ev = evsub.add_parser("retrieval", help="CSV with columns image,caption, or a CLIP Benchmark dataset: "
+                             "recall@1/5/10 both ways")
+    rt_src = rt_ev.add_mutually_exclusive_group(required=True)
+    rt_src.add_argument("--data", help="CSV file; image paths relative to its folder")
+    for q, src in ((zs_ev, zs_src), (rt_ev, rt_src)):
+        src.add_argument("--dataset", help="a dataset of LAION's CLIP Benchmark (imagenet1k, cifar10, "
+                         "mscoco_captions, flickr30k, wds/NAME, ...), built with its builder, class names, "
+                         "templates and metrics; needs pip install -e '.[eval]'")
+        q.add_argument("--data-root", help="with --dataset: the folder holding it (CLIP Benchmark's layout)")
+        q.add_argument("--split", help="with --dataset: the split (default: test)")
+        q.add_argument("--download", action="store_true",
+                       help="with --dataset: let CLIP Benchmark download missing files (default: refuse)")
+        q.add_argument("--batch-size", type=int, default=64)
+        q.add_argument("--num-workers", type=int, default=0, help="image-loading worker processes")
+        q.add_argument("--json", help="write the result here (CLIP Benchmark's layout)")
+        add_model_args(q)
+    ev.set_defaults(run=run)
+
+
+class _ImageDataset:
+    """Paths -> preprocessed tensors for a DataLoader; unreadable files raise a UsageError naming them."""
+
+    def __init__(self, paths, preprocess):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return open_images([self.paths[i]], self.preprocess)[0]
+
+
+def _encode_images(model, preprocess, paths, args, device, rank=0, world=1):
+    """(N, D) L2-normalised image embeddings of all paths, in order, and images/s. Under torchrun each rank encodes
+    paths[rank::world] and the embeddings are all-gathered."""
+    import time
+
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    shard = paths[rank::world]
+    loader = DataLoader(_ImageDataset(shard, preprocess), batch_size=args.batch_size, num_workers=args.num_workers)
+    chunks, t0 = [], time.perf_counter()
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="images", unit="batch", disable=rank != 0):
+            chunks.append(torch.nn.functional.normalize(model.encode_image(batch.to(device)).float(), dim=-1))
+    dim = model.config.embed_dim
+    local = torch.cat(chunks) if chunks else torch.zeros(0, dim, device=device)
+    emb = distributed.gather_rows(local, len(paths), rank, world)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return emb, len(paths) / (time.perf_counter() - t0)
+
+
+def _eval_folder_or_csv(args, model, preprocess, tokenizer, device, rank, world, inputs):
+    """Our own formats: an ImageFolder tree (zero-shot) or an image,caption CSV (retrieval)."""
+    import torch
+
+    from .. import evaluate
+
+    if args.task == "zeroshot":
+        samples, classnames, templates = inputs
+        weights = distributed.sharded_rows(
+            lambda names: evaluate.zeroshot_classifier(model, tokenizer, names, templates, device, args.batch_size),
+            classnames, model.config.embed_dim, device, rank, world)
+        emb, rate = _encode_images(model, preprocess, [p for p, _ in samples], args, device, rank, world)
+        targets = torch.tensor([c for _, c in samples], device=emb.device)
+        return evaluate.classification_metrics(emb @ weights.T, targets), rate
+    images, captions, owner = inputs
+    emb, rate = _encode_images(model, preprocess, images, args, device, rank, world)
+    with torch.no_grad():
+        txt = torch.cat([model.encode_text(tokenizer(captions[i:i + args.batch_size]).to(device)).float()
+                         for i in range(0, len(captions), args.batch_size)])
+    txt = torch.nn.functional.normalize(txt, dim=-1)
+    return evaluate.retrieval_metrics(emb, txt, torch.tensor(owner, device=emb.device)), rate
+
+
+def run(args) -> int:
+    import torch
+
+    from .. import evaluate
+    from . import eval_named
+
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise UsageError("--batch-size must be >= 1 and --num-workers >= 0")
+    if args.dataset is not None:
+        if not args.data_root:
+            raise UsageError("--dataset needs --data-root DIR (the folder holding the dataset in CLIP Benchmark's "
+                             "layout)")
+        if args.task == "zeroshot" and (args.classnames or args.templates):
+            raise UsageError("--classnames/--templates apply to --data; --dataset uses CLIP Benchmark's class names "
+                             "and templates")
+        from .. import named_datasets
+
+        args.split = args.split or "test"
+        task = "zeroshot_classification" if args.task == "zeroshot" else "zeroshot_retrieval"
+        named_datasets.check(args.dataset, args.data_root, args.split, task, args.download)  # before the model loads
+        inputs = None
+    elif args.data_root or args.download or args.split:
+        raise UsageError("--data-root, --split and --download apply to --dataset")
+    elif args.task == "zeroshot":
+        folders, samples = evaluate.image_folder(args.data)
+        classnames = ([c.replace("_", " ") for c in folders] if not args.classnames
+                      else read_lines(args.classnames, "class-name"))
+        if len(classnames) != len(folders):
+            raise UsageError(f"--classnames has {len(classnames)} names for {len(folders)} class folders")
+        templates = read_lines(args.templates, "template") if args.templates else evaluate.imagenet_templates()
+        for t in templates:
+            check_template(t)
+        inputs = (samples, classnames, templates)
+    else:
+        images, captions, owner = evaluate.caption_csv(args.data)
+        for p in images:
+            if not os.path.isfile(p):
+                raise UsageError(f"image not found: {p} (listed in {args.data})")
+        inputs = (images, captions, owner)
+    rank, world = distributed.world()
+    if world > 1 and args.device is None and torch.cuda.is_available():
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    model, preprocess, tokenizer = load_model(args)
+    device = next(model.parameters()).device
+    if args.dataset is not None:
+        metrics, rate = eval_named.evaluate(args, model, preprocess, tokenizer, device, rank, world)
+    else:
+        metrics, rate = _eval_folder_or_csv(args, model, preprocess, tokenizer, device, rank, world, inputs)
+    task = "zeroshot_classification" if args.task == "zeroshot" else "zeroshot_retrieval"
+    name = args.dataset if args.dataset is not None else os.path.basename(os.path.normpath(args.data))
+    result = {"dataset": name, "model": "diffclip", "pretrained": args.checkpoint, "task": task, "metrics": metrics,
+              "images_per_s": rate, "backend": model.attn_backend,
+              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(device),
+              "processes": world}
+    if args.dataset is not None:
+        result["split"] = args.split
+    if rank != 0:  # rank 0 prints and writes
+        return 0
+    for k, v in metrics.items():
+        print(f"{k}: {v:.4f}")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            raise UsageError(f"--json folder does not exist: {folder}")
+        with AtomicOutputs(folder, [os.path.basename(args.json)]) as out:
+            with open(out.path(os.path.basename(args.json)), "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=2)
+    return 0

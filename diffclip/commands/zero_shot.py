@@ -1,0 +1,56 @@
+"""`diffclip zero-shot IMAGE... --labels a,b,c`: classify images against text labels."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .common import UsageError, add_model_args, check_template, load_model, open_images
+
+
+def add_parser(sub) -> None:
+    zs = sub.add_parser("zero-shot", help="classify images against text labels")
+    zs.add_argument("images", nargs="+", help="image files")
+    zs.add_argument("--labels", required=True, help="comma-separated class names, e.g. 'dog,cat,car'")
+    zs.add_argument("--template", default="a photo of a {}", help="prompt template with one {} (default: %(default)s)")
+    zs.add_argument("--top-k", type=int, default=5, help="labels to show per image (default 5)")
+    zs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_model_args(zs)
+    zs.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import torch
+
+    labels = [s.strip() for s in args.labels.split(",") if s.strip()]
+    if not labels:
+        raise UsageError("--labels is empty: give comma-separated class names")
+    check_template(args.template)
+    if args.top_k < 1:
+        raise UsageError("--top-k must be >= 1")
+    for p in args.images:
+        if not os.path.isfile(p):
+            raise UsageError(f"image not found: {p}")
+    model, preprocess, tokenizer = load_model(args)
+    device = next(model.parameters()).device
+    images = torch.stack(open_images(args.images, preprocess)).to(device)
+    text = tokenizer([args.template.format(c) for c in labels]).to(device)
+    with torch.no_grad():
+        out = model(images, text)
+    img = torch.nn.functional.normalize(out["image_embed"].float(), dim=-1)
+    txt = torch.nn.functional.normalize(out["text_embed"].float(), dim=-1)
+    probs = (out["logit_scale"].float() * img @ txt.T).softmax(dim=-1)
+    k = min(args.top_k, len(labels))
+    result = []
+    for path, row in zip(args.images, probs):
+        top = row.topk(k)
+        result.append({"image": path, "top": [{"label": labels[i], "prob": round(float(p), 6)}
+                                              for p, i in zip(top.values, top.indices)]})
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for r in result:
+            print(r["image"])
+            for t in r["top"]:
+                print(f"  {t['prob']:7.2%}  {t['label']}")
+    return 0
