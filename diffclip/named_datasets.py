@@ -9,9 +9,11 @@ Differences from `clip_benchmark eval`, all deliberate:
 - The model runs in its own dtype (bf16 on CUDA by default) instead of fp32 weights under fp16 autocast; text
   and image embeddings are normalised and compared in fp32.
 - Recall@k uses k = 1, 5, 10 (its command line defaults to 5), capped at the number of candidates.
-- Nothing is downloaded unless `download=True`: its builder fetches missing files (wget, gdown, kaggle) for some
-  datasets whatever `download` says, and ends the process when a downloader is missing, so the files it would
-  fetch are checked first and a missing one is an error naming it.
+- Nothing is downloaded unless `download=True`: its builder fetches missing files (wget, gdown, kaggle, requests)
+  for some datasets whatever `download` says, and ends the process when a downloader is missing, so the files it
+  would fetch are checked first (a missing one is an error naming it) and the build runs with the network
+  blocked (diffclip/dataset_files.py). Only the names in `dataset_files.accepted_names()` and wds/NAME are
+  accepted.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import os
 from typing import Any
 
 import torch
+
+from . import dataset_files
 
 INSTALL = "pip install -e \".[eval]\" (LAION's CLIP Benchmark; or pip install clip-benchmark)"
 TASKS = ("zeroshot_classification", "zeroshot_retrieval")
@@ -37,23 +41,6 @@ def _builder():
         # e.g. its ImageNetV2 loader imports `requests` without declaring it (our [eval] extra adds it)
         raise RuntimeError(f"CLIP Benchmark is installed but cannot be imported ({e}): {INSTALL}") from e
     return builder
-
-
-def _needed_files(name: str, root: str, split: str) -> list[tuple[str, ...]]:
-    """What the builder would download when absent; each entry is satisfied by any one of its paths."""
-    j = os.path.join
-    if name.startswith("wds/"):
-        return [(j(root, split, "nshards.txt"),)]
-    if name == "mscoco_captions":
-        return [(j(root, "train2014" if split == "train" else "val2014"),),
-                (j(root, f"coco_{split}_karpathy.json"),)]
-    if name in ("flickr30k", "flickr8k"):
-        return [(j(root, f"{name}_{split}_karpathy.txt"),)]
-    if name in ("imagenet1k", "imagenet-w", "babel_imagenet"):  # torchvision's ImageNet: parsed or archived
-        folder = "train" if split == "train" else "val"
-        return [(j(root, "meta.bin"), j(root, "ILSVRC2012_devkit_t12.tar.gz")),
-                (j(root, folder), j(root, f"ILSVRC2012_img_{folder}.tar"))]
-    return [(root,)]  # the other builders download when the root folder is missing
 
 
 def _wds_type(root: str) -> str:
@@ -76,42 +63,66 @@ class NamedDataset:
 
 
 def check(name: str, root: str, split: str, task: str, download: bool = False):
-    """What can be checked before the model loads: CLIP Benchmark importable (RuntimeError), the dataset's task
-    matching `task` and, without `download`, the files its builder would fetch present (ValueError)."""
+    """What can be checked before anything is read: the name accepted (ValueError naming the closest ones), CLIP
+    Benchmark importable (RuntimeError), the dataset's task matching `task` and, without `download`, the files its
+    builder would fetch present and the root not a URL (ValueError)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    default = dataset_files.default_task(name)  # before the import: a typo is named even without CLIP Benchmark
     builder = _builder()
     other = {"zeroshot_classification": "retrieval", "zeroshot_retrieval": "zeroshot"}[task]
-    if name.startswith("wds/"):
-        remote = "://" in root
-        kind = None if remote else _wds_type(root)
-        if kind is not None and (kind == "retrieval") != (task == "zeroshot_retrieval"):
+    remote = dataset_files.is_url(root)
+    if remote and not download:
+        raise ValueError(f"--data-root {root} is a URL: streaming {name} from it downloads; pass --download")
+    if default is None and not remote:
+        kind = _wds_type(root)
+        if (kind == "retrieval") != (task == "zeroshot_retrieval"):
             raise ValueError(f"{name} at {root} is a {kind} dataset (dataset_type.txt): use `diffclip eval {other}`")
-    else:
-        remote = False
-        default = builder.get_dataset_default_task(name)
-        if default != task:
-            hint = f"use `diffclip eval {other}`" if default in TASKS else "diffclip eval runs " + " and ".join(TASKS)
-            raise ValueError(f"{name} is a {default} dataset in CLIP Benchmark: {hint}")
+    elif default is not None and default != task:
+        raise ValueError(f"{name} is a {default} dataset in CLIP Benchmark: use `diffclip eval {other}`")
     if not download and not remote:
-        missing = [alts for alts in _needed_files(name, root, split) if not any(os.path.exists(p) for p in alts)]
+        missing = dataset_files.missing_files(name, root, split)
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise ValueError(f"{name} (split {split}) is not in {root}: missing {' or '.join(missing[0])}{more}; "
-                             f"put the files there, or pass --download to let CLIP Benchmark fetch them")
+            raise ValueError(f"{name} (split {split}) is not in {root}: missing {missing[0]}{more}; put the files "
+                             f"there, or pass --download to let CLIP Benchmark fetch them")
     return builder
+
+
+class DeferredTransform:
+    """The image transform handed to the builder before the model (and so its preprocessing) is loaded: the
+    dataset is built, and its mistakes reported, first; `set` supplies the real transform before any image is
+    read."""
+
+    def __init__(self):
+        self.fn = None
+
+    def set(self, fn):
+        self.fn = fn
+
+    def __call__(self, img):
+        if self.fn is None:
+            raise RuntimeError("DeferredTransform used before set()")
+        return self.fn(img)
 
 
 def build(name: str, root: str, split: str, task: str, transform, download: bool = False) -> NamedDataset:
     """The dataset as CLIP Benchmark builds it (after `check`). ValueError for a user's mistake (unknown name,
-    wrong task, missing files, bad split); RuntimeError when CLIP Benchmark is not installed."""
+    wrong task, missing files, bad split); RuntimeError when CLIP Benchmark is not installed or, without
+    `download`, when building tried to reach the network."""
     builder = check(name, root, split, task, download)
+    guard = contextlib.nullcontext() if download else dataset_files.no_network(name)
     try:
-        ds = builder.build_dataset(name, root=root, transform=transform, split=split, download=download, task=task)
+        with guard:
+            ds = builder.build_dataset(name, root=root, transform=transform, split=split, download=download,
+                                       task=task)
     except SystemExit as e:  # the builder exits when a downloader (gdown, kaggle) is missing
         raise RuntimeError(f"CLIP Benchmark gave up building {name} (exit {e.code}); see its message above") from None
-    except (AssertionError, ValueError, RuntimeError, FileNotFoundError) as e:
-        raise ValueError(f"CLIP Benchmark cannot build {name} (split {split}) from {root}: {e}") from None
+    except dataset_files.NetworkBlocked:
+        raise
+    except (AssertionError, ValueError, RuntimeError, OSError, ImportError) as e:
+        hint = " (pass --download to let it fetch the files)" if "download=True" in str(e) else ""
+        raise ValueError(f"CLIP Benchmark cannot build {name} (split {split}) from {root}: {e}{hint}") from None
     iterable = not hasattr(ds, "__len__")
     classnames = templates = None
     if task == "zeroshot_classification":

@@ -119,8 +119,9 @@ def run(args) -> int:
 
         args.split = args.split or "test"
         task = "zeroshot_classification" if args.task == "zeroshot" else "zeroshot_retrieval"
-        named_datasets.check(args.dataset, args.data_root, args.split, task, args.download)  # before the model loads
-        inputs = None
+        # Built before the model loads, so that a wrong name, split or missing file is reported at once.
+        deferred = named_datasets.DeferredTransform()
+        inputs = named_datasets.build(args.dataset, args.data_root, args.split, task, deferred, args.download)
     elif args.data_root or args.download or args.split:
         raise UsageError("--data-root, --split and --download apply to --dataset")
     elif args.task == "zeroshot":
@@ -145,7 +146,8 @@ def run(args) -> int:
     model, preprocess, tokenizer = load_model(args)
     device = next(model.parameters()).device
     if args.dataset is not None:
-        metrics, rate = eval_named.evaluate(args, model, preprocess, tokenizer, device, rank, world)
+        deferred.set(preprocess)
+        metrics, rate = eval_named.evaluate(args, model, tokenizer, device, rank, world, inputs)
     else:
         metrics, rate = _eval_folder_or_csv(args, model, preprocess, tokenizer, device, rank, world, inputs)
     task = "zeroshot_classification" if args.task == "zeroshot" else "zeroshot_retrieval"

@@ -7,7 +7,7 @@ from .. import distributed
 from .common import UsageError
 
 
-def evaluate(args, model, preprocess, tokenizer, device, rank, world):
+def evaluate(args, model, tokenizer, device, rank, world, nd):
     """A CLIP Benchmark dataset: its builder, class names, templates and metric code; our sharding."""
     import time
 
@@ -16,7 +16,6 @@ def evaluate(args, model, preprocess, tokenizer, device, rank, world):
     from .. import named_datasets
 
     task = "zeroshot_classification" if args.task == "zeroshot" else "zeroshot_retrieval"
-    nd = named_datasets.build(args.dataset, args.data_root, args.split, task, preprocess, args.download)
     where = f"{args.dataset} (split {args.split}) in {args.data_root}"
     if task == "zeroshot_classification":
         weights = distributed.sharded_rows(
