@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from .commands import convert, embed, eval as eval_command, zero_shot
+from .distributed import PeerFailed
 from .commands.common import UsageError  # noqa: F401  (re-exported: the CLI's user-error type)
 
 COMMANDS = (zero_shot, embed, eval_command, convert)
@@ -28,6 +29,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except PeerFailed:  # torchrun: another rank failed and printed why; this one ends quietly
+        return 0
     except (UsageError, FileNotFoundError, ValueError, TypeError, RuntimeError, OSError) as e:
         print(f"diffclip: error: {e}", file=sys.stderr)
         return 2

@@ -70,3 +70,19 @@ def sharded_rows(class_fn, classnames, dim, device, rank, world):
     mine = classnames[rank::world]
     local = class_fn(mine) if mine else torch.zeros(0, dim, device=device)
     return gather_rows(local.float(), len(classnames), rank, world)
+
+
+class PeerFailed(Exception):
+    """Another rank failed (and reports it): this one ends quietly."""
+
+
+def agree(error: str | None, world_size: int, error_type=RuntimeError) -> None:
+    """A point every rank reaches with its own outcome, so that one rank's failure does not leave the others
+    blocked in a collective (ending with gloo's "Connection closed by peer"): the rank that failed raises
+    error_type(error), the others raise PeerFailed. `error` is None on success."""
+    errors = gather_objects(error, world_size)
+    if error is not None:
+        raise error_type(error)
+    failed = [r for r, e in enumerate(errors) if e is not None]
+    if failed:
+        raise PeerFailed(f"rank {failed[0]} failed: {errors[failed[0]]}")

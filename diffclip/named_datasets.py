@@ -60,6 +60,8 @@ class NamedDataset:
     templates: Any  # its templates: a list with "{c}", or {class name: [prompts]}
     collate_fn: Any
     iterable: bool  # a webdataset stream (no random access, no length)
+    root: str = ""
+    split: str = ""
 
 
 def check(name: str, root: str, split: str, task: str, download: bool = False):
@@ -128,28 +130,7 @@ def build(name: str, root: str, split: str, task: str, transform, download: bool
     if task == "zeroshot_classification":
         classnames, templates = list(ds.classes), ds.templates
     collate = None if iterable else builder.get_dataset_collate_fn(name)
-    return NamedDataset(name, task, ds, classnames, templates, collate, iterable)
-
-
-def rank_batches(nd: NamedDataset, rank: int, world: int, batch_size: int, num_workers: int):
-    """(images, targets or caption lists) of this rank's items, items[rank::world] in the dataset's order, in
-    batches. A map-style dataset is subset (each rank loads only its items); a webdataset stream is read whole
-    by every rank (no random access) and filtered, so only the model's work is divided."""
-    from torch.utils.data import DataLoader, Subset
-
-    if not nd.iterable:
-        subset = Subset(nd.dataset, range(rank, len(nd.dataset), world))
-        yield from DataLoader(subset, batch_size=batch_size, num_workers=num_workers, collate_fn=nd.collate_fn)
-        return
-    # As CLIP Benchmark loads webdatasets: batched by webdataset itself (its collation keeps caption lists).
-    loader = DataLoader(nd.dataset.batched(batch_size), batch_size=None, num_workers=num_workers)
-    start = 0
-    for images, extra in loader:
-        mine = [j for j in range(len(images)) if (start + j) % world == rank]
-        start += len(images)
-        if mine:
-            # class indices come as a tensor or a NumPy array (webdataset's collation), captions as a list
-            yield images[mine], (extra[mine] if hasattr(extra, "shape") else [extra[j] for j in mine])
+    return NamedDataset(name, task, ds, classnames, templates, collate, iterable, root, split)
 
 
 class FloatOutputs(torch.nn.Module):
@@ -172,14 +153,22 @@ def class_embeddings(model, tokenizer, classnames, templates, device) -> torch.T
     per-class mean of normalised prompt embeddings, normalised again)."""
     from clip_benchmark.metrics.zeroshot_classification import zero_shot_classifier
 
+    from clip_benchmark.metrics import zeroshot_classification as zs
+
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:  # its code moves tokens with .to(device.type): make our device the current one
-        weights = zero_shot_classifier(FloatOutputs(model), tokenizer, classnames, templates, device.type, amp=False)
+    progress, zs.tqdm = zs.tqdm, lambda it, *a, **k: it  # its own bar per class: one bar (the images') per run
+    try:
+        with guard:  # its code moves tokens with .to(device.type): make our device the current one
+            weights = zero_shot_classifier(FloatOutputs(model), tokenizer, classnames, templates, device.type,
+                                           amp=False)
+    finally:
+        zs.tqdm = progress
     return weights.T.float()
 
 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, n_classes: int) -> dict[str, float]:
-    """CLIP Benchmark's metrics for (N, C) logits: acc1, acc5 (NaN under 5 classes, as it reports),
+    """CLIP Benchmark's metrics for (N, C) logits: acc1, acc5 (k capped at the class count, as on the --data
+    route; CLIP Benchmark reports NaN, which is not valid JSON),
     mean_per_class_recall (sklearn's balanced accuracy, as it uses); mean_average_precision (its own function) for
     multi-label targets. Top-k accuracy comes from `diffclip.evaluate` (one topk, hits within the first k: what its
     `accuracy` computes; that function calls float() on a one-element array, which NumPy >= 2.4 rejects)."""
@@ -193,7 +182,7 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, n_classe
         return {"mean_average_precision": average_precision_per_class(logits, targets).mean().item()}
     acc1, acc5, _ = top1_top5(logits, targets)
     pred = logits.argmax(dim=1)  # as it predicts (argmax, not topk, breaks exact ties)
-    return {"acc1": acc1, "acc5": acc5 if n_classes >= 5 else float("nan"),
+    return {"acc1": acc1, "acc5": acc5,
             "mean_per_class_recall": float(balanced_accuracy_score(targets.numpy(), pred.numpy()))}
 
 

@@ -3,7 +3,11 @@ metric code; diffclip/named_datasets.py) with our sharding over torchrun process
 
 from __future__ import annotations
 
+import os
+import sys
+
 from .. import distributed
+from . import loaders
 from .common import UsageError
 
 
@@ -22,7 +26,12 @@ def evaluate(args, model, tokenizer, device, rank, world, nd):
             lambda names: named_datasets.class_embeddings(model, tokenizer, names, nd.templates, device),
             nd.classnames, model.config.embed_dim, device, rank, world)
     t0 = time.perf_counter()
-    local, extras = _embed_rank_batches(args, model, tokenizer, device, nd, rank, world)
+    try:
+        local, extras = _embed_rank_batches(args, model, tokenizer, device, nd, rank, world)
+        error = None
+    except UsageError as e:
+        error = str(e)
+    distributed.agree(error, world, UsageError)  # a bad image on one rank: it reports, the others end quietly
     n_total = sum(distributed.gather_objects(local.shape[0], world))
     if n_total == 0:
         raise UsageError(f"{where} holds no images")
@@ -45,13 +54,11 @@ def _embed_rank_batches(args, model, tokenizer, device, nd, rank, world):
     import torch
     from tqdm import tqdm
 
-    from .. import named_datasets
-
     dim, normalize = model.config.embed_dim, torch.nn.functional.normalize
     images, extras = [torch.zeros(0, dim, device=device)], []
     with torch.no_grad():
-        batches = named_datasets.rank_batches(nd, rank, world, args.batch_size, args.num_workers)
-        for batch, extra in tqdm(batches, desc="images", unit="batch", disable=rank != 0):
+        batches = rank_batches(nd, rank, world, args.batch_size, args.num_workers)
+        for batch, extra in tqdm(batches, desc="images", unit="batch", disable=True if rank != 0 else None):
             images.append(normalize(model.encode_image(batch.to(device)).float(), dim=-1))
             if nd.task == "zeroshot_classification":
                 extras.append(torch.as_tensor(extra))
@@ -63,6 +70,45 @@ def _embed_rank_batches(args, model, tokenizer, device, nd, rank, world):
                 for i in range(0, len(flat), args.batch_size)]
             extras.append(([len(t) for t in texts], normalize(torch.cat(emb), dim=-1).cpu()))
     return torch.cat(images), extras
+
+
+def rank_batches(nd, rank: int, world: int, batch_size: int, num_workers: int):
+    """(images, targets or caption lists) of this rank's items, items[rank::world] in the dataset's order, in
+    batches; an unreadable item is a UsageError naming it. A map-style dataset is subset (each rank loads only its
+    items); a webdataset stream is read whole by every rank (no random access) and filtered, so only the model's
+    work is divided."""
+    from torch.utils.data import DataLoader, default_collate
+
+    if not nd.iterable:
+        subset = loaders.Guarded(nd.dataset, range(rank, len(nd.dataset), world))
+        collate = loaders.guarded_collate(nd.collate_fn or default_collate)
+        for batch in DataLoader(subset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate):
+            yield loaders.check(batch)
+        return
+    # As CLIP Benchmark loads webdatasets: batched by webdataset itself (its collation keeps caption lists). A
+    # worker with no shard of its own fails in webdataset: at most one worker per shard.
+    workers = min(num_workers, _wds_shards(nd))
+    if workers < num_workers and rank == 0:
+        print(f"diffclip: note: {nd.name} has {_wds_shards(nd)} shard(s): {workers} loader worker(s) instead of "
+              f"--num-workers {num_workers}", file=sys.stderr)
+    loader = DataLoader(loaders.GuardedStream(nd.dataset.batched(batch_size)), batch_size=None, num_workers=workers)
+    start = 0
+    for item in loader:
+        images, extra = loaders.check(item)
+        mine = [j for j in range(len(images)) if (start + j) % world == rank]
+        start += len(images)
+        if mine:
+            # class indices come as a tensor or a NumPy array (webdataset's collation), captions as a list
+            yield images[mine], (extra[mine] if hasattr(extra, "shape") else [extra[j] for j in mine])
+
+
+def _wds_shards(nd) -> int:
+    from ..dataset_files import is_url
+
+    if is_url(nd.root):  # streamed (--download): its shard count is not read here
+        return sys.maxsize
+    with open(os.path.join(nd.root, nd.split, "nshards.txt"), encoding="utf-8") as f:
+        return int(f.read().strip())
 
 
 def _gather_targets(extras, n_total, n_classes, device, rank, world):
