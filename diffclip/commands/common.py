@@ -80,10 +80,21 @@ def open_images(paths, preprocess):
 
 
 def read_lines(path, what):
-    if not os.path.isfile(path):
+    if not os.path.exists(path) or os.path.isdir(path):  # exists, not isfile: `--templates <(...)` is a pipe
         raise UsageError(f"{what} file not found: {path}")
     with open(path, encoding="utf-8") as f:
         lines = [ln.strip() for ln in f if ln.strip()]
     if not lines:
         raise UsageError(f"{what} file is empty: {path}")
     return lines
+
+
+def default_workers() -> int:
+    """Image-loading worker processes per rank: CLIP Benchmark's 4 where the cores allow (the cores this process
+    may use, shared by the ranks of this machine), 0 (load in the main process) on a single core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    per_rank = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(4, per_rank) if per_rank > 1 else 0
