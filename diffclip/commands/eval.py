@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from .. import distributed
-from ..outputs import AtomicOutputs
-from .common import UsageError, add_model_args, check_template, load_model, open_images, read_lines
+from ..outputs import AtomicOutputs, check_output_file
+from . import loaders
+from .common import UsageError, add_model_args, check_template, load_model, read_lines
 
 
 def add_parser(sub) -> None:
@@ -41,34 +43,27 @@ def add_parser(sub) -> None:
     ev.set_defaults(run=run)
 
 
-class _ImageDataset:
-    """Paths -> preprocessed tensors for a DataLoader; unreadable files raise a UsageError naming them."""
-
-    def __init__(self, paths, preprocess):
-        self.paths, self.preprocess = paths, preprocess
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return open_images([self.paths[i]], self.preprocess)[0]
-
-
 def _encode_images(model, preprocess, paths, args, device, rank=0, world=1):
     """(N, D) L2-normalised image embeddings of all paths, in order, and images/s. Under torchrun each rank encodes
     paths[rank::world] and the embeddings are all-gathered."""
     import time
 
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, default_collate
     from tqdm import tqdm
 
     shard = paths[rank::world]
-    loader = DataLoader(_ImageDataset(shard, preprocess), batch_size=args.batch_size, num_workers=args.num_workers)
-    chunks, t0 = [], time.perf_counter()
-    with torch.no_grad():
-        for batch in tqdm(loader, desc="images", unit="batch", disable=rank != 0):
-            chunks.append(torch.nn.functional.normalize(model.encode_image(batch.to(device)).float(), dim=-1))
+    loader = DataLoader(loaders.ImagePaths(shard, preprocess), batch_size=args.batch_size,
+                        num_workers=args.num_workers, collate_fn=loaders.guarded_collate(default_collate))
+    chunks, t0, error = [], time.perf_counter(), None
+    try:
+        with torch.no_grad():
+            for batch in tqdm(loader, desc="images", unit="batch", disable=True if rank != 0 else None):
+                batch = loaders.check(batch)
+                chunks.append(torch.nn.functional.normalize(model.encode_image(batch.to(device)).float(), dim=-1))
+    except UsageError as e:
+        error = str(e)
+    distributed.agree(error, world, UsageError)  # a bad image on one rank: it reports, the others end quietly
     dim = model.config.embed_dim
     local = torch.cat(chunks) if chunks else torch.zeros(0, dim, device=device)
     emb = distributed.gather_rows(local, len(paths), rank, world)
@@ -100,46 +95,65 @@ def _eval_folder_or_csv(args, model, preprocess, tokenizer, device, rank, world,
     return evaluate.retrieval_metrics(emb, txt, torch.tensor(owner, device=emb.device)), rate
 
 
-def run(args) -> int:
-    import torch
-
+def _own_inputs(args):
+    """--data: (samples, class names, templates) of an ImageFolder tree or (images, captions, owner) of a CSV,
+    checked before the model loads."""
     from .. import evaluate
-    from . import eval_named
 
-    if args.batch_size < 1 or args.num_workers < 0:
-        raise UsageError("--batch-size must be >= 1 and --num-workers >= 0")
-    if args.dataset is not None:
-        if not args.data_root:
-            raise UsageError("--dataset needs --data-root DIR (the folder holding the dataset in CLIP Benchmark's "
-                             "layout)")
-        if args.task == "zeroshot" and (args.classnames or args.templates):
-            raise UsageError("--classnames/--templates apply to --data; --dataset uses CLIP Benchmark's class names "
-                             "and templates")
-        from .. import named_datasets
-
-        args.split = args.split or "test"
-        task = "zeroshot_classification" if args.task == "zeroshot" else "zeroshot_retrieval"
-        # Built before the model loads, so that a wrong name, split or missing file is reported at once.
-        deferred = named_datasets.DeferredTransform()
-        inputs = named_datasets.build(args.dataset, args.data_root, args.split, task, deferred, args.download)
-    elif args.data_root or args.download or args.split:
-        raise UsageError("--data-root, --split and --download apply to --dataset")
-    elif args.task == "zeroshot":
-        folders, samples = evaluate.image_folder(args.data)
+    if args.task == "zeroshot":
+        folders, samples, skipped = evaluate.image_folder(args.data)
+        if skipped:  # torchvision's ImageFolder skips them too; say so rather than drop them silently
+            print(f"diffclip: note: {len(skipped)} file(s) in {args.data} skipped, not an image suffix torchvision's "
+                  f"ImageFolder reads (e.g. {skipped[0]})", file=sys.stderr)
         classnames = ([c.replace("_", " ") for c in folders] if not args.classnames
                       else read_lines(args.classnames, "class-name"))
         if len(classnames) != len(folders):
             raise UsageError(f"--classnames has {len(classnames)} names for {len(folders)} class folders")
-        templates = read_lines(args.templates, "template") if args.templates else evaluate.imagenet_templates()
-        for t in templates:
-            check_template(t)
-        inputs = (samples, classnames, templates)
+        templates = [check_template(t) for t in read_templates(args)] if args.templates else \
+            evaluate.imagenet_templates()
+        return samples, classnames, templates
+    images, captions, owner = evaluate.caption_csv(args.data)
+    for p in images:
+        if not os.path.isfile(p):
+            raise UsageError(f"image not found: {p} (listed in {args.data})")
+    return images, captions, owner
+
+
+def read_templates(args) -> list[str]:
+    """--templates, one per line; CLIP Benchmark's `{c}` is read as `{}`."""
+    return [t.replace("{c}", "{}") for t in read_lines(args.templates, "template")]
+
+
+def _named_inputs(args):
+    """--dataset: the CLIP Benchmark dataset, built (not read) before the model loads so that a wrong name,
+    split or missing file is reported at once; its transform is set once the model is loaded."""
+    from .. import named_datasets
+
+    if not args.data_root:
+        raise UsageError("--dataset needs --data-root DIR (the folder holding the dataset in CLIP Benchmark's layout)")
+    if args.task == "zeroshot" and (args.classnames or args.templates):
+        raise UsageError("--classnames/--templates apply to --data; --dataset uses CLIP Benchmark's class names "
+                         "and templates")
+    args.split = args.split or "test"
+    task = "zeroshot_classification" if args.task == "zeroshot" else "zeroshot_retrieval"
+    deferred = named_datasets.DeferredTransform()
+    return named_datasets.build(args.dataset, args.data_root, args.split, task, deferred, args.download), deferred
+
+
+def run(args) -> int:
+    import torch
+
+    from . import eval_named
+
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise UsageError("--batch-size must be >= 1 and --num-workers >= 0")
+    json_path = check_output_file(args.json, "--json") if args.json else None  # before any work is done
+    if args.dataset is not None:
+        inputs, deferred = _named_inputs(args)
+    elif args.data_root or args.download or args.split:
+        raise UsageError("--data-root, --split and --download apply to --dataset")
     else:
-        images, captions, owner = evaluate.caption_csv(args.data)
-        for p in images:
-            if not os.path.isfile(p):
-                raise UsageError(f"image not found: {p} (listed in {args.data})")
-        inputs = (images, captions, owner)
+        inputs = _own_inputs(args)
     rank, world = distributed.world()
     if world > 1 and args.device is None and torch.cuda.is_available():
         args.device = f"cuda:{torch.cuda.current_device()}"
@@ -152,7 +166,8 @@ def run(args) -> int:
         metrics, rate = _eval_folder_or_csv(args, model, preprocess, tokenizer, device, rank, world, inputs)
     task = "zeroshot_classification" if args.task == "zeroshot" else "zeroshot_retrieval"
     name = args.dataset if args.dataset is not None else os.path.basename(os.path.normpath(args.data))
-    result = {"dataset": name, "model": "diffclip", "pretrained": args.checkpoint, "task": task, "metrics": metrics,
+    result = {"dataset": name, "model": "diffclip", "pretrained": args.checkpoint, "task": task,
+              "metrics": {k: _finite_or_none(v) for k, v in metrics.items()}, "language": "en",
               "images_per_s": rate, "backend": model.attn_backend,
               "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(device),
               "processes": world}
@@ -162,11 +177,17 @@ def run(args) -> int:
         return 0
     for k, v in metrics.items():
         print(f"{k}: {v:.4f}")
-    if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder):
-            raise UsageError(f"--json folder does not exist: {folder}")
-        with AtomicOutputs(folder, [os.path.basename(args.json)]) as out:
-            with open(out.path(os.path.basename(args.json)), "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=2)
+    print(f"{rate:.1f} images/s")
+    if json_path:
+        folder, base = os.path.split(json_path)
+        with AtomicOutputs(folder, [base]) as out:
+            with open(out.path(base), "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=2, allow_nan=False)
     return 0
+
+
+def _finite_or_none(v):
+    """JSON has no NaN: a metric that is not a number is written as null."""
+    import math
+
+    return v if math.isfinite(v) else None
