@@ -187,7 +187,7 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, n_classe
 
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, owner: torch.Tensor,
-                      batch_size: int) -> dict[str, float]:
+                      batch_size: int, ks=RECALL_K) -> dict[str, float]:
     """CLIP Benchmark's recall@k both ways (its `recall_at_k`, > 0 per query, averaged), k capped at the
     candidate count. Embeddings L2-normalised; `owner[j]` is the image index of caption j."""
     from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
@@ -197,7 +197,7 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, owner: to
     positive = torch.zeros_like(scores, dtype=torch.bool)
     positive[torch.arange(len(scores)), owner] = True
     out = {}
-    for k in RECALL_K:
+    for k in ks:
         ki, kt = min(k, scores.shape[1]), min(k, scores.shape[0])
         hits_i = batchify(recall_at_k, scores, positive, batch_size, "cpu", k=ki) > 0
         hits_t = batchify(recall_at_k, scores.T, positive.T, batch_size, "cpu", k=kt) > 0

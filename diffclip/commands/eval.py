@@ -10,7 +10,7 @@ import sys
 from .. import distributed
 from ..outputs import AtomicOutputs, check_output_file
 from . import loaders
-from .common import UsageError, add_model_args, check_template, load_model, read_lines
+from .common import UsageError, add_model_args, check_template, default_workers, load_model, read_lines
 
 
 def add_parser(sub) -> None:
@@ -20,14 +20,16 @@ def add_parser(sub) -> None:
                              "dataset: acc1, acc5, mean per-class recall")
     zs_src = zs_ev.add_mutually_exclusive_group(required=True)
     zs_src.add_argument("--data", help="folder with one sub-folder of images per class")
-    zs_ev.add_argument("--classnames", help="with --data: file with one class name per line, in sorted-folder "
-                       "order (default: the folder names, '_' read as a space)")
-    zs_ev.add_argument("--templates", help="with --data: file with one prompt template per line, {} marks the "
-                       "class name (default: the 80 ImageNet templates of CLIP)")
+    zs_ev.add_argument("--classnames", help="file with one class name per line, in sorted-folder / the dataset's "
+                       "order (default: the folder names, '_' read as a space; CLIP Benchmark's for --dataset)")
+    zs_ev.add_argument("--templates", help="file with one prompt template per line, {} or CLIP Benchmark's {c} "
+                       "marks the class name (default: the 80 ImageNet templates of CLIP; CLIP Benchmark's for "
+                       "--dataset)")
     rt_ev = evsub.add_parser("retrieval", help="CSV with columns image,caption, or a CLIP Benchmark dataset: "
                              "recall@1/5/10 both ways")
     rt_src = rt_ev.add_mutually_exclusive_group(required=True)
     rt_src.add_argument("--data", help="CSV file; image paths relative to its folder")
+    rt_ev.add_argument("--recall-k", default="1,5,10", help="comma-separated k of recall@k (default %(default)s)")
     for q, src in ((zs_ev, zs_src), (rt_ev, rt_src)):
         src.add_argument("--dataset", help="a dataset of LAION's CLIP Benchmark (imagenet1k, cifar10, "
                          "mscoco_captions, flickr30k, wds/NAME, ...), built with its builder, class names, "
@@ -37,7 +39,11 @@ def add_parser(sub) -> None:
         q.add_argument("--download", action="store_true",
                        help="with --dataset: let CLIP Benchmark download missing files (default: refuse)")
         q.add_argument("--batch-size", type=int, default=64)
-        q.add_argument("--num-workers", type=int, default=0, help="image-loading worker processes")
+        q.add_argument("--num-workers", type=int, default=default_workers(),
+                       help="image-loading worker processes (default: %(default)s, CLIP Benchmark's 4 where the cores "
+                       "allow)")
+        q.add_argument("--text-batch-size", type=int, default=256, help="prompts/captions per model call "
+                       "(default 256)")
         q.add_argument("--json", help="write the result here (CLIP Benchmark's layout)")
         add_model_args(q)
     ev.set_defaults(run=run)
@@ -81,18 +87,20 @@ def _eval_folder_or_csv(args, model, preprocess, tokenizer, device, rank, world,
     if args.task == "zeroshot":
         samples, classnames, templates = inputs
         weights = distributed.sharded_rows(
-            lambda names: evaluate.zeroshot_classifier(model, tokenizer, names, templates, device, args.batch_size),
+            lambda names: evaluate.zeroshot_classifier(model, tokenizer, names, templates, device,
+                                                       args.text_batch_size),
             classnames, model.config.embed_dim, device, rank, world)
         emb, rate = _encode_images(model, preprocess, [p for p, _ in samples], args, device, rank, world)
         targets = torch.tensor([c for _, c in samples], device=emb.device)
         return evaluate.classification_metrics(emb @ weights.T, targets), rate
     images, captions, owner = inputs
     emb, rate = _encode_images(model, preprocess, images, args, device, rank, world)
+    b, mine = args.text_batch_size, captions[rank::world]  # captions sharded by rank too, gathered in order
     with torch.no_grad():
-        txt = torch.cat([model.encode_text(tokenizer(captions[i:i + args.batch_size]).to(device)).float()
-                         for i in range(0, len(captions), args.batch_size)])
-    txt = torch.nn.functional.normalize(txt, dim=-1)
-    return evaluate.retrieval_metrics(emb, txt, torch.tensor(owner, device=emb.device)), rate
+        txt = torch.cat([torch.zeros(0, model.config.embed_dim, device=device)] + [
+            model.encode_text(tokenizer(mine[i:i + b]).to(device)).float() for i in range(0, len(mine), b)])
+    txt = distributed.gather_rows(torch.nn.functional.normalize(txt, dim=-1), len(captions), rank, world)
+    return evaluate.retrieval_metrics(emb, txt, torch.tensor(owner, device=emb.device), args.recall_k), rate
 
 
 def _own_inputs(args):
@@ -131,13 +139,19 @@ def _named_inputs(args):
 
     if not args.data_root:
         raise UsageError("--dataset needs --data-root DIR (the folder holding the dataset in CLIP Benchmark's layout)")
-    if args.task == "zeroshot" and (args.classnames or args.templates):
-        raise UsageError("--classnames/--templates apply to --data; --dataset uses CLIP Benchmark's class names "
-                         "and templates")
     args.split = args.split or "test"
     task = "zeroshot_classification" if args.task == "zeroshot" else "zeroshot_retrieval"
     deferred = named_datasets.DeferredTransform()
-    return named_datasets.build(args.dataset, args.data_root, args.split, task, deferred, args.download), deferred
+    nd = named_datasets.build(args.dataset, args.data_root, args.split, task, deferred, args.download)
+    if args.task == "zeroshot" and args.classnames:  # as CLIP Benchmark's --custom_classname_file, one per line
+        names = read_lines(args.classnames, "class-name")
+        if len(names) != len(nd.classnames):
+            raise UsageError(f"--classnames has {len(names)} names for the {len(nd.classnames)} classes of "
+                             f"{args.dataset}")
+        nd.classnames = names
+    if args.task == "zeroshot" and args.templates:  # its templates use {c}
+        nd.templates = [check_template(t).replace("{}", "{c}") for t in read_templates(args)]
+    return nd, deferred
 
 
 def run(args) -> int:
@@ -145,8 +159,8 @@ def run(args) -> int:
 
     from . import eval_named
 
-    if args.batch_size < 1 or args.num_workers < 0:
-        raise UsageError("--batch-size must be >= 1 and --num-workers >= 0")
+    if args.batch_size < 1 or args.text_batch_size < 1 or args.num_workers < 0:
+        raise UsageError("--batch-size and --text-batch-size must be >= 1, --num-workers >= 0")
     json_path = check_output_file(args.json, "--json") if args.json else None  # before any work is done
     if args.dataset is not None:
         inputs, deferred = _named_inputs(args)
@@ -154,6 +168,13 @@ def run(args) -> int:
         raise UsageError("--data-root, --split and --download apply to --dataset")
     else:
         inputs = _own_inputs(args)
+    if args.task == "retrieval":
+        try:
+            args.recall_k = tuple(sorted({int(k) for k in args.recall_k.split(",") if k.strip()}))
+        except ValueError:
+            args.recall_k = ()
+        if not args.recall_k or min(args.recall_k) < 1:
+            raise UsageError("--recall-k wants comma-separated integers >= 1, e.g. 1,5,10")
     rank, world = distributed.world()
     if world > 1 and args.device is None and torch.cuda.is_available():
         args.device = f"cuda:{torch.cuda.current_device()}"

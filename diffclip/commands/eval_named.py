@@ -45,7 +45,7 @@ def evaluate(args, model, tokenizer, device, rank, world, nd):
     txt, owner = _gather_captions(extras, n_total, model.config.embed_dim, world)
     if txt.shape[0] == 0:
         raise UsageError(f"{where} holds no captions")
-    return named_datasets.retrieval_metrics(img, txt, owner, args.batch_size), rate
+    return named_datasets.retrieval_metrics(img, txt, owner, args.batch_size, args.recall_k), rate
 
 
 def _embed_rank_batches(args, model, tokenizer, device, nd, rank, world):
@@ -66,8 +66,8 @@ def _embed_rank_batches(args, model, tokenizer, device, nd, rank, world):
             texts = [list(t) if isinstance(t, (list, tuple)) else [t] for t in extra]
             flat = [c for t in texts for c in t]
             emb = [torch.zeros(0, dim, device=device)] + [
-                model.encode_text(tokenizer(flat[i:i + args.batch_size]).to(device)).float()
-                for i in range(0, len(flat), args.batch_size)]
+                model.encode_text(tokenizer(flat[i:i + args.text_batch_size]).to(device)).float()
+                for i in range(0, len(flat), args.text_batch_size)]
             extras.append(([len(t) for t in texts], normalize(torch.cat(emb), dim=-1).cpu()))
     return torch.cat(images), extras
 

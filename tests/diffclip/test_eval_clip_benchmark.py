@@ -154,7 +154,7 @@ def test_dataset_user_errors_exit_2(tmp_path, coco_root, wds_root, capsys, monke
         (["eval", "retrieval", "--dataset", "mscoco_captions", "--data-root", str(coco_root), "--split", "val"],
          "coco_val_karpathy.json"),
         (["eval", "zeroshot", "--dataset", "wds/tiny", "--data-root", str(wds_root[0]), "--templates", "t.txt"],
-         "--classnames/--templates apply to --data"),
+         "template file not found: t.txt"),
         (["eval", "zeroshot", "--data", str(empty), "--data-root", str(empty)], "apply to --dataset"),
     ]
     for args, words in cases:
