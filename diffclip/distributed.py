@@ -62,3 +62,27 @@ def gather_objects(obj, world_size: int) -> list:
     out = [None] * world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def sharded_rows(class_fn, classnames, dim, device, rank, world):
+    """(classes, D) zero-shot weights, classes[rank::world] computed on each rank and all-gathered (per class the
+    computation is independent, so this equals one process's result)."""
+    mine = classnames[rank::world]
+    local = class_fn(mine) if mine else torch.zeros(0, dim, device=device)
+    return gather_rows(local.float(), len(classnames), rank, world)
+
+
+class PeerFailed(Exception):
+    """Another rank failed (and reports it): this one ends quietly."""
+
+
+def agree(error: str | None, world_size: int, error_type=RuntimeError) -> None:
+    """A point every rank reaches with its own outcome, so that one rank's failure does not leave the others
+    blocked in a collective (ending with gloo's "Connection closed by peer"): the rank that failed raises
+    error_type(error), the others raise PeerFailed. `error` is None on success."""
+    errors = gather_objects(error, world_size)
+    if error is not None:
+        raise error_type(error)
+    failed = [r for r, e in enumerate(errors) if e is not None]
+    if failed:
+        raise PeerFailed(f"rank {failed[0]} failed: {errors[failed[0]]}")

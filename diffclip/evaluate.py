@@ -15,10 +15,6 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .image import IMAGE_SUFFIXES
-
-
-
 def imagenet_templates() -> list[str]:
     """The 80 ImageNet prompt templates of the CLIP paper (as shipped by open_clip), with `{}` for the class."""
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
@@ -26,41 +22,63 @@ def imagenet_templates() -> list[str]:
     return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
 
 
-def image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
-    """(class folder names in sorted order, [(image path, class index)]), as torchvision's ImageFolder orders
-    them. Raises ValueError for a missing folder, no class folders or an empty class."""
+def image_folder(root: str) -> tuple[list[str], list[tuple[str, int]], list[str]]:
+    """(class folder names in sorted order, [(image path, class index)], skipped files) by torchvision's own
+    ImageFolder rules (`find_classes`, `make_dataset`: files in sub-folders of a class count, symlinks followed,
+    its extensions IMG_EXTENSIONS, case-insensitive). Skipped files are those with another suffix, returned so
+    that the caller can say so. Raises ValueError for a missing folder, no class folders or an empty class."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
     if not os.path.isdir(root):
         raise ValueError(f"not a folder: {root}")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    if not classes:
-        raise ValueError(f"no class sub-folders in {root} (expected one folder per class)")
-    samples = []
-    for i, c in enumerate(classes):
-        files = sorted(f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(IMAGE_SUFFIXES))
-        if not files:
-            raise ValueError(f"class folder {os.path.join(root, c)} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        samples += [(os.path.join(root, c, f), i) for f in files]
-    return classes, samples
+    try:
+        classes, class_to_idx = find_classes(root)
+    except FileNotFoundError:
+        raise ValueError(f"no class sub-folders in {root} (expected one folder per class)") from None
+    samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    counts = [0] * len(classes)
+    for _, c in samples:
+        counts[c] += 1
+    if 0 in counts:
+        empty = os.path.join(root, classes[counts.index(0)])
+        raise ValueError(f"class folder {empty} holds no images ({', '.join(IMG_EXTENSIONS)}, as torchvision's "
+                         "ImageFolder reads)")
+    taken = {p for p, _ in samples}
+    skipped = sorted(os.path.join(d, f) for c in classes
+                     for d, _, files in os.walk(os.path.join(root, c), followlinks=True) for f in files
+                     if os.path.join(d, f) not in taken)
+    return classes, samples, skipped
 
 
 def caption_csv(path: str) -> tuple[list[str], list[str], list[int]]:
     """(unique image paths in order of first appearance, captions, caption -> image index) from a CSV with the
-    columns `image` (relative to the CSV's folder) and `caption`."""
-    if not os.path.isfile(path):
+    columns `image` (relative to the CSV's folder) and `caption`. A UTF-8 byte-order mark (as spreadsheet
+    programs write) is accepted; a short row or an empty caption is a ValueError naming its line. Paths are
+    resolved before grouping, so `im/0.png`, `./im/0.png` and `im//0.png` are one image."""
+    if not os.path.exists(path) or os.path.isdir(path):
         raise ValueError(f"CSV not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = {"image", "caption"} - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"{path} lacks the column(s) {', '.join(sorted(missing))} (needs a header with image, "
                              f"caption; found {reader.fieldnames})")
-        rows = [(r["image"], r["caption"]) for r in reader]
+        rows = []
+        for r in reader:
+            where = f"{path} line {reader.line_num}"
+            if r["image"] is None or r["caption"] is None:
+                raise ValueError(f"{where}: a short row (needs image and caption): {r}")
+            if not r["image"].strip():
+                raise ValueError(f"{where}: empty image path")
+            if not r["caption"].strip():
+                raise ValueError(f"{where}: empty caption for {r['image']}")
+            rows.append((r["image"], r["caption"]))
     if not rows:
         raise ValueError(f"{path} has no rows")
     base = os.path.dirname(os.path.abspath(path))
     images, index, captions, owner = [], {}, [], []
     for image, caption in rows:
-        full = os.path.join(base, image)
+        full = os.path.realpath(os.path.join(base, image))
         if full not in index:
             index[full] = len(images)
             images.append(full)

@@ -9,9 +9,11 @@ Differences from `clip_benchmark eval`, all deliberate:
 - The model runs in its own dtype (bf16 on CUDA by default) instead of fp32 weights under fp16 autocast; text
   and image embeddings are normalised and compared in fp32.
 - Recall@k uses k = 1, 5, 10 (its command line defaults to 5), capped at the number of candidates.
-- Nothing is downloaded unless `download=True`: its builder fetches missing files (wget, gdown, kaggle) for some
-  datasets whatever `download` says, and ends the process when a downloader is missing, so the files it would
-  fetch are checked first and a missing one is an error naming it.
+- Nothing is downloaded unless `download=True`: its builder fetches missing files (wget, gdown, kaggle, requests)
+  for some datasets whatever `download` says, and ends the process when a downloader is missing, so the files it
+  would fetch are checked first (a missing one is an error naming it) and the build runs with the network
+  blocked (diffclip/dataset_files.py). Only the names in `dataset_files.accepted_names()` and wds/NAME are
+  accepted.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import os
 from typing import Any
 
 import torch
+
+from . import dataset_files
 
 INSTALL = "pip install -e \".[eval]\" (LAION's CLIP Benchmark; or pip install clip-benchmark)"
 TASKS = ("zeroshot_classification", "zeroshot_retrieval")
@@ -37,23 +41,6 @@ def _builder():
         # e.g. its ImageNetV2 loader imports `requests` without declaring it (our [eval] extra adds it)
         raise RuntimeError(f"CLIP Benchmark is installed but cannot be imported ({e}): {INSTALL}") from e
     return builder
-
-
-def _needed_files(name: str, root: str, split: str) -> list[tuple[str, ...]]:
-    """What the builder would download when absent; each entry is satisfied by any one of its paths."""
-    j = os.path.join
-    if name.startswith("wds/"):
-        return [(j(root, split, "nshards.txt"),)]
-    if name == "mscoco_captions":
-        return [(j(root, "train2014" if split == "train" else "val2014"),),
-                (j(root, f"coco_{split}_karpathy.json"),)]
-    if name in ("flickr30k", "flickr8k"):
-        return [(j(root, f"{name}_{split}_karpathy.txt"),)]
-    if name in ("imagenet1k", "imagenet-w", "babel_imagenet"):  # torchvision's ImageNet: parsed or archived
-        folder = "train" if split == "train" else "val"
-        return [(j(root, "meta.bin"), j(root, "ILSVRC2012_devkit_t12.tar.gz")),
-                (j(root, folder), j(root, f"ILSVRC2012_img_{folder}.tar"))]
-    return [(root,)]  # the other builders download when the root folder is missing
 
 
 def _wds_type(root: str) -> str:
@@ -73,72 +60,77 @@ class NamedDataset:
     templates: Any  # its templates: a list with "{c}", or {class name: [prompts]}
     collate_fn: Any
     iterable: bool  # a webdataset stream (no random access, no length)
+    root: str = ""
+    split: str = ""
 
 
 def check(name: str, root: str, split: str, task: str, download: bool = False):
-    """What can be checked before the model loads: CLIP Benchmark importable (RuntimeError), the dataset's task
-    matching `task` and, without `download`, the files its builder would fetch present (ValueError)."""
+    """What can be checked before anything is read: the name accepted (ValueError naming the closest ones), CLIP
+    Benchmark importable (RuntimeError), the dataset's task matching `task` and, without `download`, the files its
+    builder would fetch present and the root not a URL (ValueError)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    default = dataset_files.default_task(name)  # before the import: a typo is named even without CLIP Benchmark
     builder = _builder()
     other = {"zeroshot_classification": "retrieval", "zeroshot_retrieval": "zeroshot"}[task]
-    if name.startswith("wds/"):
-        remote = "://" in root
-        kind = None if remote else _wds_type(root)
-        if kind is not None and (kind == "retrieval") != (task == "zeroshot_retrieval"):
+    remote = dataset_files.is_url(root)
+    if remote and not download:
+        raise ValueError(f"--data-root {root} is a URL: streaming {name} from it downloads; pass --download")
+    if default is None and not remote:
+        kind = _wds_type(root)
+        if (kind == "retrieval") != (task == "zeroshot_retrieval"):
             raise ValueError(f"{name} at {root} is a {kind} dataset (dataset_type.txt): use `diffclip eval {other}`")
-    else:
-        remote = False
-        default = builder.get_dataset_default_task(name)
-        if default != task:
-            hint = f"use `diffclip eval {other}`" if default in TASKS else "diffclip eval runs " + " and ".join(TASKS)
-            raise ValueError(f"{name} is a {default} dataset in CLIP Benchmark: {hint}")
+    elif default is not None and default != task:
+        raise ValueError(f"{name} is a {default} dataset in CLIP Benchmark: use `diffclip eval {other}`")
     if not download and not remote:
-        missing = [alts for alts in _needed_files(name, root, split) if not any(os.path.exists(p) for p in alts)]
+        missing = dataset_files.missing_files(name, root, split)
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise ValueError(f"{name} (split {split}) is not in {root}: missing {' or '.join(missing[0])}{more}; "
-                             f"put the files there, or pass --download to let CLIP Benchmark fetch them")
+            raise ValueError(f"{name} (split {split}) is not in {root}: missing {missing[0]}{more}; put the files "
+                             f"there, or pass --download to let CLIP Benchmark fetch them")
     return builder
+
+
+class DeferredTransform:
+    """The image transform handed to the builder before the model (and so its preprocessing) is loaded: the
+    dataset is built, and its mistakes reported, first; `set` supplies the real transform before any image is
+    read."""
+
+    def __init__(self):
+        self.fn = None
+
+    def set(self, fn):
+        self.fn = fn
+
+    def __call__(self, img):
+        if self.fn is None:
+            raise RuntimeError("DeferredTransform used before set()")
+        return self.fn(img)
 
 
 def build(name: str, root: str, split: str, task: str, transform, download: bool = False) -> NamedDataset:
     """The dataset as CLIP Benchmark builds it (after `check`). ValueError for a user's mistake (unknown name,
-    wrong task, missing files, bad split); RuntimeError when CLIP Benchmark is not installed."""
+    wrong task, missing files, bad split); RuntimeError when CLIP Benchmark is not installed or, without
+    `download`, when building tried to reach the network."""
     builder = check(name, root, split, task, download)
+    guard = contextlib.nullcontext() if download else dataset_files.no_network(name)
     try:
-        ds = builder.build_dataset(name, root=root, transform=transform, split=split, download=download, task=task)
+        with guard:
+            ds = builder.build_dataset(name, root=root, transform=transform, split=split, download=download,
+                                       task=task)
     except SystemExit as e:  # the builder exits when a downloader (gdown, kaggle) is missing
         raise RuntimeError(f"CLIP Benchmark gave up building {name} (exit {e.code}); see its message above") from None
-    except (AssertionError, ValueError, RuntimeError, FileNotFoundError) as e:
-        raise ValueError(f"CLIP Benchmark cannot build {name} (split {split}) from {root}: {e}") from None
+    except dataset_files.NetworkBlocked:
+        raise
+    except (AssertionError, ValueError, RuntimeError, OSError, ImportError) as e:
+        hint = " (pass --download to let it fetch the files)" if "download=True" in str(e) else ""
+        raise ValueError(f"CLIP Benchmark cannot build {name} (split {split}) from {root}: {e}{hint}") from None
     iterable = not hasattr(ds, "__len__")
     classnames = templates = None
     if task == "zeroshot_classification":
         classnames, templates = list(ds.classes), ds.templates
     collate = None if iterable else builder.get_dataset_collate_fn(name)
-    return NamedDataset(name, task, ds, classnames, templates, collate, iterable)
-
-
-def rank_batches(nd: NamedDataset, rank: int, world: int, batch_size: int, num_workers: int):
-    """(images, targets or caption lists) of this rank's items, items[rank::world] in the dataset's order, in
-    batches. A map-style dataset is subset (each rank loads only its items); a webdataset stream is read whole
-    by every rank (no random access) and filtered, so only the model's work is divided."""
-    from torch.utils.data import DataLoader, Subset
-
-    if not nd.iterable:
-        subset = Subset(nd.dataset, range(rank, len(nd.dataset), world))
-        yield from DataLoader(subset, batch_size=batch_size, num_workers=num_workers, collate_fn=nd.collate_fn)
-        return
-    # As CLIP Benchmark loads webdatasets: batched by webdataset itself (its collation keeps caption lists).
-    loader = DataLoader(nd.dataset.batched(batch_size), batch_size=None, num_workers=num_workers)
-    start = 0
-    for images, extra in loader:
-        mine = [j for j in range(len(images)) if (start + j) % world == rank]
-        start += len(images)
-        if mine:
-            # class indices come as a tensor or a NumPy array (webdataset's collation), captions as a list
-            yield images[mine], (extra[mine] if hasattr(extra, "shape") else [extra[j] for j in mine])
+    return NamedDataset(name, task, ds, classnames, templates, collate, iterable, root, split)
 
 
 class FloatOutputs(torch.nn.Module):
@@ -161,14 +153,22 @@ def class_embeddings(model, tokenizer, classnames, templates, device) -> torch.T
     per-class mean of normalised prompt embeddings, normalised again)."""
     from clip_benchmark.metrics.zeroshot_classification import zero_shot_classifier
 
+    from clip_benchmark.metrics import zeroshot_classification as zs
+
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:  # its code moves tokens with .to(device.type): make our device the current one
-        weights = zero_shot_classifier(FloatOutputs(model), tokenizer, classnames, templates, device.type, amp=False)
+    progress, zs.tqdm = zs.tqdm, lambda it, *a, **k: it  # its own bar per class: one bar (the images') per run
+    try:
+        with guard:  # its code moves tokens with .to(device.type): make our device the current one
+            weights = zero_shot_classifier(FloatOutputs(model), tokenizer, classnames, templates, device.type,
+                                           amp=False)
+    finally:
+        zs.tqdm = progress
     return weights.T.float()
 
 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, n_classes: int) -> dict[str, float]:
-    """CLIP Benchmark's metrics for (N, C) logits: acc1, acc5 (NaN under 5 classes, as it reports),
+    """CLIP Benchmark's metrics for (N, C) logits: acc1, acc5 (k capped at the class count, as on the --data
+    route; CLIP Benchmark reports NaN, which is not valid JSON),
     mean_per_class_recall (sklearn's balanced accuracy, as it uses); mean_average_precision (its own function) for
     multi-label targets. Top-k accuracy comes from `diffclip.evaluate` (one topk, hits within the first k: what its
     `accuracy` computes; that function calls float() on a one-element array, which NumPy >= 2.4 rejects)."""
@@ -182,12 +182,12 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, n_classe
         return {"mean_average_precision": average_precision_per_class(logits, targets).mean().item()}
     acc1, acc5, _ = top1_top5(logits, targets)
     pred = logits.argmax(dim=1)  # as it predicts (argmax, not topk, breaks exact ties)
-    return {"acc1": acc1, "acc5": acc5 if n_classes >= 5 else float("nan"),
+    return {"acc1": acc1, "acc5": acc5,
             "mean_per_class_recall": float(balanced_accuracy_score(targets.numpy(), pred.numpy()))}
 
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, owner: torch.Tensor,
-                      batch_size: int) -> dict[str, float]:
+                      batch_size: int, ks=RECALL_K) -> dict[str, float]:
     """CLIP Benchmark's recall@k both ways (its `recall_at_k`, > 0 per query, averaged), k capped at the
     candidate count. Embeddings L2-normalised; `owner[j]` is the image index of caption j."""
     from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
@@ -197,7 +197,7 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, owner: to
     positive = torch.zeros_like(scores, dtype=torch.bool)
     positive[torch.arange(len(scores)), owner] = True
     out = {}
-    for k in RECALL_K:
+    for k in ks:
         ki, kt = min(k, scores.shape[1]), min(k, scores.shape[0])
         hits_i = batchify(recall_at_k, scores, positive, batch_size, "cpu", k=ki) > 0
         hits_t = batchify(recall_at_k, scores.T, positive.T, batch_size, "cpu", k=kt) > 0

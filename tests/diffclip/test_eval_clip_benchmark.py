@@ -149,11 +149,12 @@ def test_dataset_user_errors_exit_2(tmp_path, coco_root, wds_root, capsys, monke
          "mscoco_captions is a zeroshot_retrieval dataset in CLIP Benchmark: use `diffclip eval retrieval`"),
         (["eval", "retrieval", "--dataset", "wds/tiny", "--data-root", str(wds_root[0])],
          "is a classification dataset (dataset_type.txt): use `diffclip eval zeroshot`"),
-        (["eval", "zeroshot", "--dataset", "no_such_set", "--data-root", str(empty)], "Unsupported dataset"),
+        (["eval", "zeroshot", "--dataset", "no_such_set", "--data-root", str(empty)],
+         "unknown --dataset 'no_such_set'"),
         (["eval", "retrieval", "--dataset", "mscoco_captions", "--data-root", str(coco_root), "--split", "val"],
          "coco_val_karpathy.json"),
         (["eval", "zeroshot", "--dataset", "wds/tiny", "--data-root", str(wds_root[0]), "--templates", "t.txt"],
-         "--classnames/--templates apply to --data"),
+         "template file not found: t.txt"),
         (["eval", "zeroshot", "--data", str(empty), "--data-root", str(empty)], "apply to --dataset"),
     ]
     for args, words in cases:
