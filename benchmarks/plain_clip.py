@@ -18,7 +18,7 @@ class PlainAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x):
+    def forward(self, x, lam=None):  # (the blocks pass DiffCLIP's λ; None here)
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)

@@ -39,6 +39,15 @@ class TextBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def layer_lambdas(blocks) -> tuple:
+    """Every block's λ, computed for the whole encoder at once (`tower_lambdas`); None for a block whose attention
+    is not differential (the benchmarks' plain-CLIP model swaps the attention modules)."""
+    attns = [block.attn for block in blocks]
+    if attns and all(isinstance(a, DiffAttention) for a in attns):
+        return tower_lambdas(attns)
+    return (None,) * len(attns)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, patch, width):
         super().__init__()
@@ -64,8 +73,7 @@ class VisionTransformer(nn.Module):
     def forward(self, image):
         x = self.patch_embed(image)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1) + self.pos_embed.to(x.dtype)
-        lams = tower_lambdas([block.attn for block in self.blocks])  # every layer's λ at once
-        for block, lam in zip(self.blocks, lams):
+        for block, lam in zip(self.blocks, layer_lambdas(self.blocks)):
             x = block(x, lam)
         return self.norm(x)[:, 0]
 
@@ -170,8 +178,7 @@ class DiffCLIP(nn.Module):
         eot = text.argmax(dim=-1)
         text = text[:, : _last_needed_position(eot, text.shape[1])]
         x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]
-        lams = tower_lambdas([block.attn for block in self.transformer.resblocks])
-        for block, lam in zip(self.transformer.resblocks, lams):
+        for block, lam in zip(self.transformer.resblocks, layer_lambdas(self.transformer.resblocks)):
             x = block(x, lam)
         x = self.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]

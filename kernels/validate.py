@@ -60,6 +60,14 @@ def _finite_float(name: str, x, *, positive: bool = False) -> float:
     return x
 
 
+def check_cpu_lam_finite(lam: torch.Tensor) -> None:
+    """A non-finite λ on the CPU is an error. On an accelerator this check would cost a host sync per call; there a
+    non-finite λ shows as non-finite outputs instead (documented in diff_attn's docstring). (Its own function so
+    that benchmarks/host_overhead.py, which runs the GPU path on CPU tensors, can leave it out as a GPU would.)"""
+    if not torch.isfinite(lam).all():
+        raise ValueError("lam must be finite, got non-finite values")
+
+
 def _lam_to_3d(lam, B: int, H: int, N: int, dtype: torch.dtype, device: torch.device):
     """λ as a 3-d tensor of `dtype` on `device` that broadcasts to (B, H, N).
 
@@ -81,10 +89,8 @@ def _lam_to_3d(lam, B: int, H: int, N: int, dtype: torch.dtype, device: torch.de
                 lam = lam.to(device)
             else:
                 raise ValueError(f"lam is on {lam.device} but q is on {device}")
-        if lam.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isfinite(lam).all():
-            # On an accelerator this check would cost a host sync per call; there a non-finite λ shows as
-            # non-finite outputs instead (documented in diff_attn's docstring).
-            raise ValueError("lam must be finite, got non-finite values")
+        if lam.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_cpu_lam_finite(lam)
         if lam.dim() == 0:
             view = lam.reshape(1, 1, 1)
         elif lam.dim() == 1:
