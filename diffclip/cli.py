@@ -1,4 +1,4 @@
-"""`diffclip` command line: zero-shot classification, batch embedding, checkpoint conversion.
+"""`diffclip` command line: zero-shot classification, batch embedding, checkpoint conversion, relevance maps.
 
 Errors a user can cause (bad paths, unreadable images, empty label lists, offline hub) print one line and exit
 with status 2; no traceback.
@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("src", help="checkpoint file or hub id")
     cv.add_argument("dst", help="output .safetensors path")
     cv.add_argument("--fp16", action="store_true", help="store floating weights as float16 (half the size)")
+
+    from .commands import explain  # parser and logic in their own module; it gets this (the running) module
+
+    explain.add_parser(sub, sys.modules[__name__])
     return parser
 
 
@@ -597,7 +601,8 @@ def cmd_eval(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"zero-shot": cmd_zero_shot, "embed": cmd_embed, "convert": cmd_convert, "eval": cmd_eval}[args.command]
+    handler = getattr(args, "run", None) or {  # "run": set by commands registered from their own modules
+        "zero-shot": cmd_zero_shot, "embed": cmd_embed, "convert": cmd_convert, "eval": cmd_eval}[args.command]
     try:
         return handler(args)
     except (UsageError, FileNotFoundError, ValueError, TypeError, RuntimeError, OSError) as e:

@@ -198,3 +198,84 @@ def test_trained_tiny_model_looks_at_the_object_its_caption_names():
     assert match.mean() > 0.5, match.mean()
     assert match.gt(0).float().mean() > 0.85
     assert match.mean() - wrong.mean() > 0.1, (match.mean(), wrong.mean())
+
+
+# --- the command line ---
+
+
+def cli(*args, cwd):
+    """`python -m diffclip.cli ...` in a subprocess: the project on PYTHONPATH, an empty private hub cache."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", HF_HOME=str(cwd / "hf-home"),
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, "-m", "diffclip.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True)
+
+
+@pytest.fixture
+def photo(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((90, 70, 3)) * 255).astype("uint8")).save(tmp_path / "photo.png")
+    (tmp_path / "broken.png").write_text("not an image")
+    return tmp_path
+
+
+def test_cli_writes_the_figure_and_the_maps_of_relevance(photo):
+    import numpy as np
+    from PIL import Image
+    from refdata import TINY_CKPT, need
+
+    import diffclip
+
+    ck = need(TINY_CKPT)
+    r = cli("explain", "photo.png", "--text", "a dog", "--text", "a cat", "--out", "maps.png", "--layers", "all",
+            "--checkpoint", ck, cwd=photo)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in photo.iterdir() if p.name.startswith(("maps", "."))) == ["maps.npy", "maps.png"]
+    with Image.open(photo / "maps.png") as im:
+        assert im.format == "PNG" and im.width > 2 * im.height  # the image and two panels side by side
+    maps = np.load(photo / "maps.npy")
+    assert maps.shape == (2, 4, 4) and maps.dtype == np.float32  # the tiny checkpoint: 64 px, patch 16
+    model, preprocess, tokenizer = diffclip.load(ck)  # the same maps through the API
+    with Image.open(photo / "photo.png") as im:
+        x = preprocess(im)[None].expand(2, -1, -1, -1)
+    want = relevance(model, x, tokenizer(["a dog", "a cat"]), start_layer=0)
+    np.testing.assert_allclose(maps, want.numpy(), atol=1e-5)
+
+
+def test_cli_error_is_one_line_under_python_m(photo):
+    r = cli("explain", "photo.png", "--out", "maps.png", cwd=photo)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "at least one --text" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("args,words", [
+    (["photo.png", "--text", " ", "--out", "m.png"], "--text is empty"),
+    (["photo.png", "--text", "a", "--out", "m.jpg"], "must be a .png"),
+    (["photo.png", "--text", "a", "--out", "nowhere/m.png"], "folder does not exist"),
+    (["photo.png", "--text", "a", "--out", "/proc/m.png"], "not writable"),
+    (["photo.png", "--text", "a", "--out", "adir.png"], "is a folder"),
+    (["missing.png", "--text", "a", "--out", "m.png"], "image not found"),
+    (["broken.png", "--text", "a", "--out", "m.png"], "cannot read image"),
+    (["photo.png", "--text", "a", "--out", "m.png", "--checkpoint", "nope.pt"], "checkpoint not found"),
+], ids=["empty-text", "not-png", "missing-folder", "unwritable-folder", "out-is-folder", "missing-image",
+        "unreadable-image", "missing-checkpoint"])
+def test_cli_errors_are_one_line_and_leave_earlier_outputs_alone(photo, args, words, capsys, monkeypatch):
+    from diffclip.cli import main
+
+    (photo / "adir.png").mkdir()
+    (photo / "m.png").write_bytes(b"earlier run")
+    monkeypatch.chdir(photo)
+    assert main(["explain", *args]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("diffclip: error:") and words in lines[0], lines
+    assert (photo / "m.png").read_bytes() == b"earlier run"
+    assert sorted(p.name for p in photo.iterdir()) == ["adir.png", "broken.png", "m.png", "photo.png"]
