@@ -112,11 +112,11 @@ def _figure(image, texts, maps, logits, layers):
     for ax, text, h, logit, p in zip(axes[1:], texts, heat.clamp(0, 1).numpy(), logits, probs):
         ax.imshow(pixels)
         shown = ax.imshow(h, cmap="jet", alpha=0.5, vmin=0, vmax=1)
-        text = text if len(text) <= 28 else text[:27] + "…"
+        text = (text if len(text) <= 28 else text[:27] + "…").replace("$", r"\$")  # no mathtext
         ax.set_title(f"\"{text}\"\nlogit {logit:.1f}" + (f", p {p:.2f}" if len(texts) > 1 else ""), fontsize=9)
     for ax in axes:
         ax.set_axis_off()
     fig.colorbar(shown, ax=list(axes), fraction=0.025, pad=0.02).set_label("relevance (per panel)", fontsize=8)
-    fig.text(0.01, 0.02, f"Chefer et al. rule, {'last vision block' if layers == 'last' else 'all vision blocks'}",
-             fontsize=7, color="0.4")
+    axes[0].text(0, -0.04, f"Chefer et al. rule, {'last vision block' if layers == 'last' else 'all vision blocks'}",
+                 transform=axes[0].transAxes, va="top", fontsize=7, color="0.4")
     return fig

@@ -47,7 +47,8 @@ def independent_relevance(model, x, tokens, start):
         h = h + blk.mlp(blk.norm2(h))
     img = vt.norm(h)[:, 0] @ model.image_projection
     assert torch.allclose(img, model.encode_image(x), atol=1e-5)  # the rewrite is the model
-    score = model.logit_scale.exp() * (F.normalize(img, dim=-1) * F.normalize(model.encode_text(tokens), dim=-1)).sum(-1)
+    txt = F.normalize(model.encode_text(tokens), dim=-1)
+    score = model.logit_scale.exp() * (F.normalize(img, dim=-1) * txt).sum(-1)
     grads = torch.autograd.grad(score.sum(), maps[start:])
     r = torch.eye(n).expand(b, n, n)
     for a, g in zip(maps[start:], grads):
