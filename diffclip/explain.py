@@ -69,6 +69,8 @@ def explain(model: DiffCLIP, images: torch.Tensor, tokens: torch.Tensor, *, imag
     _check_inputs(model, images, tokens)
     vis = _blocks(model.visual.blocks, image_start, "vision")
     txt = _blocks(model.transformer.resblocks, text_start, "text")
+    if not vis and not txt:
+        raise ValueError("nothing to explain: image_start and text_start are both None")
     vis_maps, txt_maps = [], []
     with torch.inference_mode(False), torch.enable_grad(), _explain_mode(model):
         for blocks, maps in ((vis, vis_maps), (txt, txt_maps)):

@@ -124,6 +124,12 @@ def test_bad_arguments(model):
     assert model.attn_backend == "sdpa"
 
 
+def test_attention_hook_needs_the_eager_backend(model):
+    model.visual.blocks[0].attn.attn_hook = lambda a: None
+    with pytest.raises(RuntimeError, match="needs the eager backend"):
+        model.encode_image(images())
+
+
 def test_text_relevance_rows(model):
     r = text_relevance(model, images(), TOKENS, start_layer=0)
     assert r.shape == (2, 8)
