@@ -18,6 +18,7 @@ CLIP = [
     "pillow",
     "numpy",
     "tqdm",
+    "matplotlib",  # `diffclip explain` draws its figure
 ]
 # `--dataset NAME` of `diffclip eval`: LAION's CLIP Benchmark (the paper's protocol). Its ImageNetV2 loader imports
 # `requests` without declaring it, and its builder imports that loader for every dataset.

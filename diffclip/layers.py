@@ -54,6 +54,10 @@ class DiffAttention(nn.Module):
             setattr(self, name, nn.Parameter(torch.randn(self.head_dim) * 0.1))
         self.diff_norm = RMSNormWeight(2 * self.head_dim, eps=1e-5)
         self.backend = backend  # a name from backends.NAMES, set by the model
+        # Called with the combined map A = P1 − λ·P2 (B, heads/2, N, N) of each forward, the tensor that multiplies
+        # V (see kernels.diff_attn_reference); needs the eager backend, the only one that materialises it.
+        # Set and cleared by diffclip.explain.
+        self.attn_hook = None
         self.register_load_state_dict_pre_hook(_pack_qkv)
         self.register_state_dict_post_hook(_unpack_qkv)
 
@@ -74,9 +78,15 @@ class DiffAttention(nn.Module):
         """`lam`: this layer's λ when the encoder computed it with the others' (`tower_lambdas`), else None."""
         q, k, v = self.projections(x)
         name = backends.resolve(self.backend, x.device, self.head_dim, x.dtype)
+        hook = {}
+        if self.attn_hook is not None:
+            if name != "eager":
+                raise RuntimeError(f"an attention-map hook needs the eager backend (the only one that materialises "
+                                   f"the map); this layer runs {name!r}")
+            hook["attn_hook"] = self.attn_hook
         o = backends.get(name)(
             q, k, v, self.lam() if lam is None else lam, causal=self.causal, norm_weight=self.diff_norm.weight,
-            norm_eps=self.diff_norm.eps, out_scale=1.0 - self.lambda_init,
+            norm_eps=self.diff_norm.eps, out_scale=1.0 - self.lambda_init, **hook,
         )
         # triton returns a transposed view of a (B, N, H, 2d) buffer: this rearrange is a view, not a copy.
         return self.out_proj(rearrange(o, "b h n e -> b n (h e)"))

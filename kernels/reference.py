@@ -6,6 +6,8 @@ It materialises both (N, N) attention maps, as the official DiffCLIP / Diff-Tran
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .validate import check_diff_attn_args
@@ -30,6 +32,7 @@ def diff_attn_reference(
     norm_weight: torch.Tensor | None = None,
     norm_eps: float = 1e-5,
     out_scale: float = 1.0,
+    attn_hook: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Differential attention in eager PyTorch; same signature and semantics as `kernels.diff_attn`.
 
@@ -39,6 +42,11 @@ def diff_attn_reference(
 
     Scores and the final product with V run in the input dtype (as eager model code does); softmax, the
     λ-difference and the norm run in fp32 (fp64 for fp64 inputs). Runs on any device, any float dtype, any d.
+
+    `attn_hook` (this function only, not the kernel): called with the combined map ``A = P1 − λ·P2`` (B, H, N, N)
+    in fp32 (fp64 for fp64 inputs), the very tensor that then multiplies V, before the norm epilogue and
+    out_scale. It is part of the autograd graph, so gradients with respect to it can be taken
+    (`diffclip.explain` does); the hook must not modify it.
     """
     args = check_diff_attn_args(
         q, k, v, lam, causal=causal, scale=scale, norm_weight=norm_weight, norm_eps=norm_eps,
@@ -52,6 +60,8 @@ def diff_attn_reference(
         scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(B, H, 2, N, N)
     attn = probs[:, :, 0] - args.lam.to(acc)[..., None] * probs[:, :, 1]  # (B, H, N, N), fp32
+    if attn_hook is not None:
+        attn_hook(attn)
     out = torch.matmul(attn.to(q.dtype), v)  # (B, H, N, 2d)
     if norm_weight is not None:
         out = rms_norm_epilogue(out, norm_weight, norm_eps, out_scale)
