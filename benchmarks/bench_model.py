@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,8 @@ def main(argv=None):
     p.add_argument("--train-batch", type=int, default=128)
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--smoke", action="store_true", help="tiny model, fp32, CPU (Triton interpreter)")
+    p.add_argument("--budget-s", type=float, help="stop starting rows after this many seconds; the rows not run "
+                   "are recorded as skipped (a bounded run on lent device time)")
     p.add_argument("--json")
     p.add_argument("--plot")
     args = p.parse_args(argv)
@@ -95,6 +98,8 @@ def main(argv=None):
     extra = {"benchmark": "model", "smoke": args.smoke, "config": config.to_dict(), "note": NOTE,
              "min_samples": common.MIN_SAMPLES, "interrupted": False}
 
+    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
+
     def save():
         if args.json:
             common.write_json(args.json, env, rows, extra)
@@ -109,10 +114,15 @@ def main(argv=None):
                                                                    ("train_step", train_batch)]
             for name in backends:
                 for task, batch in tasks:
-                    row = run_row(name, task, batch, base, plain, config, device, dtype)
+                    if deadline is not None and time.monotonic() > deadline:
+                        row = dict(model="plain-clip" if name.startswith("plain-clip") else "diffclip",
+                                   backend=name, task=task, batch=batch, ms=None,
+                                   skipped=f"time budget ({args.budget_s:g} s) spent")
+                    else:
+                        row = run_row(name, task, batch, base, plain, config, device, dtype)
                     rows.append(dict(row, dtype=dtype_name))
                     status = (f"{row['ms']:.2f} ms [{row['ms_min']:.2f}, {row['ms_max']:.2f}] n={row['n']}"
-                              if row["ms"] else f"skipped: {row['skipped']}")
+                              if row.get("ms") else f"skipped: {row['skipped']}")
                     print(f"{dtype_name} {name:18} {task:12} B={batch:<4} {status}", flush=True)
                     save()
             del plain, base

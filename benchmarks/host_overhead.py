@@ -156,6 +156,7 @@ def main(argv=None) -> int:
     from kernels import diff_attn
 
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # host cost is single-threaded; intra-op threads only add noise on a shared machine
     launches = Launches()
     rows = []
     with launches.stubbed(), torch.autocast("cpu", enabled=False):

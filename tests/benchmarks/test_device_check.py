@@ -23,7 +23,7 @@ def test_device_check_dry_run(tmp_path):
     assert "dry run" in proc.stdout
     files = sorted(os.listdir(tmp_path))
     assert files == ["bench_diff_attn.json", "bench_diff_attn.log", "bench_model.json", "bench_model.log",
-                     "environment.txt", "gpu_tests.log", "profile.json", "profile.log"]
+                     "gpu_tests.log", "profile.json", "profile.log", "profile_model.json"]
     assert len(files) <= 8  # the device tool returns at most 8 files from $OUT
     op = json.loads((tmp_path / "bench_diff_attn.json").read_text())
     assert {r["provider"] for r in op["rows"]} == set(PROVIDERS)
@@ -31,8 +31,13 @@ def test_device_check_dry_run(tmp_path):
     # the reduced config sweep ran, both passes (smoke shape on CPU)
     assert op["sweep"] and all(r["ms"] and r["ms_repeat"] for r in op["sweep"])
     assert all("host_ms" in r and "speedup_vs_best" in r for r in op["rows"])
+    assert "torch" in (tmp_path / "bench_diff_attn.log").read_text().splitlines()[1]  # the environment heads it
     model = json.loads((tmp_path / "bench_model.json").read_text())
-    assert {r["backend"] for r in model["rows"]} == {"eager", "sdpa", "triton", "plain-clip"} and model["note"]
+    assert {r["backend"] for r in model["rows"]} == {"eager", "sdpa", "triton", "plain-clip", "triton+compile",
+                                                      "plain-clip+compile", "sdpa+compile"} and model["note"]
+    prof = json.loads((tmp_path / "profile_model.json").read_text())
+    assert [r["backend"] for r in prof["rows"]] == ["sdpa", "triton", "plain-clip"]
+    assert all(r["wall_ms_per_step"] > 0 for r in prof["rows"]), prof["rows"]
     prof = json.loads((tmp_path / "profile.json").read_text())
     assert [(r["provider"], "skipped" in r) for r in prof["rows"]] == [("triton", False), ("sdpa2", False)]
     log = (tmp_path / "gpu_tests.log").read_text()
