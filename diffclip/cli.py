@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("src", help="checkpoint file or hub id")
     cv.add_argument("dst", help="output .safetensors path")
     cv.add_argument("--fp16", action="store_true", help="store floating weights as float16 (half the size)")
+
+    from .commands import train as train_command  # its own module: diffclip/commands/train.py
+
+    train_command.add_parser(sub)
     return parser
 
 
@@ -595,9 +599,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .commands import train
+
+    return train.run(args)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"zero-shot": cmd_zero_shot, "embed": cmd_embed, "convert": cmd_convert, "eval": cmd_eval}[args.command]
+    handler = {"zero-shot": cmd_zero_shot, "embed": cmd_embed, "convert": cmd_convert, "eval": cmd_eval,
+               "train": _cmd_train}[args.command]
     try:
         return handler(args)
     except (UsageError, FileNotFoundError, ValueError, TypeError, RuntimeError, OSError) as e:
