@@ -165,11 +165,11 @@ def run(args) -> int:
     model.to(device)
     optimizer = optim.build_optimizer(model, args.lr, args.wd, (args.beta1, args.beta2), args.eps)
     scaler = optim.build_scaler(precision, device)
-    start_step, start_position, wds_positions = 0, 0, None
+    start_step, start_position, wds_positions, wds_batches = 0, 0, None, 0
     if resumed is not None:
         checkpoint_io.restore(resumed, resume_path, model, optimizer, scaler)
         start_step, start_position = resumed["step"], resumed["data"]["samples_seen"]
-        wds_positions = resumed["data"].get("positions")
+        wds_positions, wds_batches = resumed["data"].get("positions"), resumed["data"].get("batches", 0)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         checkpoint_io.remove_stale_parts(args.out)
@@ -186,7 +186,7 @@ def run(args) -> int:
         loader, source = wds.loader(items, pre, rank=rank, world=world, batch_size=args.batch_size,
                                     workers=args.workers, seed=args.seed, strict=args.strict,
                                     positions=wds_positions, start_position=start_position,
-                                    global_batch=global_batch, accum=args.accum_freq)
+                                    global_batch=global_batch, accum=args.accum_freq, batches=wds_batches)
 
     ddp = None
     fwd = model

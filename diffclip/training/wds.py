@@ -97,9 +97,10 @@ def shard_samples(path: str, errors: list):
 
 
 class WdsStream(torch.utils.data.IterableDataset):
-    def __init__(self, shards, preprocess, batch_size, seed, rank, strict, start, buffer=SHUFFLE_BUFFER):
+    def __init__(self, shards, preprocess, batch_size, seed, rank, strict, start, first_worker=0,
+                 buffer=SHUFFLE_BUFFER):
         self.shards, self.pre, self.b, self.seed, self.rank = shards, preprocess, batch_size, seed, rank
-        self.strict, self.start, self.buffer = strict, start, buffer
+        self.strict, self.start, self.first, self.buffer = strict, start, first_worker, buffer
 
     def _raw(self, mine, w, shard_errors):
         """This worker's endless sample stream: per pass, a seeded shard order and a seeded buffer shuffle."""
@@ -119,6 +120,9 @@ class WdsStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        # The loader takes batches from its workers in turn, starting with worker 0; a resumed run must start with
+        # the worker whose turn was next, so loader worker i plays logical worker (first + i) mod W.
+        w = (w + self.first) % n_workers
         mine = self.shards[w::n_workers]  # never empty: at most as many workers as shards
         skip, count = self.start[w], 0
         good, errors, shard_errors = [], [], []
@@ -145,14 +149,16 @@ class WdsStream(torch.utils.data.IterableDataset):
 class WdsPosition:
     """Per-worker read counts of this process; gathered from every process for a checkpoint."""
 
-    def __init__(self, start, world, start_position, global_batch, accum):
+    def __init__(self, start, world, start_position, global_batch, accum, batches):
         self.counts = list(start)
         self.world, self.start, self.global_batch, self.accum, self.micro = world, start_position, global_batch, \
             accum, 0
+        self.batches = batches  # micro-batches this process has taken since the run began (the same on every rank)
 
     def on_batch(self, batch) -> None:
         self.counts[batch["worker"]] = batch["consumed"]
         self.micro += 1
+        self.batches += 1
 
     def samples_seen(self) -> int:  # images trained on (all processes), the epoch measure for webdataset
         return self.start + (self.micro // self.accum) * self.global_batch
@@ -167,11 +173,11 @@ class WdsPosition:
             local = torch.stack(parts)
         else:
             local = local[None]
-        return {"kind": "webdataset", "positions": local}
+        return {"kind": "webdataset", "positions": local, "batches": self.batches}
 
 
 def loader(shards, preprocess, *, rank, world, batch_size, workers, seed, strict, positions, start_position,
-           global_batch, accum):
+           global_batch, accum, batches=0):
     mine = rank_shards(shards, rank, world)
     n_workers = effective_workers(len(mine), workers)
     slots = max(1, n_workers)
@@ -184,7 +190,7 @@ def loader(shards, preprocess, *, rank, world, batch_size, workers, seed, strict
         start = [0] * slots
     if workers > n_workers and rank == 0:
         print(f"diffclip train: {len(mine)} shard(s) per process: starting {n_workers} worker(s), not {workers}")
-    ds = WdsStream(mine, preprocess, batch_size, seed, rank, strict, start)
+    ds = WdsStream(mine, preprocess, batch_size, seed, rank, strict, start, first_worker=batches % slots)
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=n_workers,
                                      prefetch_factor=2 if n_workers else None)
-    return dl, WdsPosition(start, world, start_position, global_batch, accum)
+    return dl, WdsPosition(start, world, start_position, global_batch, accum, batches)
