@@ -122,6 +122,11 @@ def _open_data(args, config, tokenizer, rank, world):
         except data.DataError as e:
             raise TrainUsageError(str(e)) from None
         return kind, rows, len(rows)
+    try:
+        import webdataset  # noqa: F401 - its tar reader parses the shards
+    except ImportError:
+        raise TrainUsageError("webdataset shards need the webdataset package: pip install 'diffclip-triton[train]'") \
+            from None
     shards = wds.expand_shards(args.train_data)
     wds.check_split(shards, world, args.workers, args.train_data)
     return kind, shards, args.train_num_samples or wds.img2dataset_count(shards)
@@ -150,6 +155,9 @@ def run(args) -> int:
     model, config = modeling.build(args, resumed)
     tokenizer = get_tokenizer(config.context_length, config.vocab_size)
     kind, items, epoch_size = _open_data(args, config, tokenizer, rank, world)
+    if resumed is not None and resumed["data"].get("kind") != kind:
+        raise TrainUsageError(f"the checkpoint was trained on {resumed['data'].get('kind')} data; --train-data is "
+                              f"{kind} (its data position would mean nothing)")
     global_batch = world * args.batch_size * args.accum_freq
     if args.steps is not None:
         total = args.steps

@@ -140,6 +140,8 @@ def run(trainer: Trainer, loader, source, *, start_step, total_steps, base_lr, w
                    "skipped": int(skipped), "trimmed": int(trimmed)}
             if epoch_size:
                 row["epoch"] = source.samples_seen() / epoch_size
+            if trainer.device.type == "cuda":
+                row["peak_memory_gib"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
             monitor.record(row)
             if monitor.bar is not None:
                 monitor.bar.set_postfix({"loss": f"{mean_loss:.4f}", "lr": f"{lr:.2e}",

@@ -182,6 +182,8 @@ def loader(shards, preprocess, *, rank, world, batch_size, workers, seed, strict
     n_workers = effective_workers(len(mine), workers)
     slots = max(1, n_workers)
     if positions is not None:
+        if not isinstance(positions, torch.Tensor) or positions.dtype != torch.long or positions.dim() != 2:
+            raise DataError("the checkpoint's webdataset position is not a (processes, workers) integer tensor")
         if tuple(positions.shape) != (world, slots):
             raise DataError(f"the checkpoint's webdataset position is for {positions.shape[0]} process(es) x "
                             f"{positions.shape[1]} worker(s); resume with the same (now {world} x {slots})")
