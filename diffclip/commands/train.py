@@ -110,7 +110,7 @@ def _device(args, world):
     return device
 
 
-def _open_data(args, config, tokenizer, rank, world):
+def _open_data(args, world):
     """(source kind, rows or shard list, epoch size or None), checked: a missing file or an empty shard list is a
     usage error here, before the model is built."""
     from ..training import data, wds
@@ -154,7 +154,7 @@ def run(args) -> int:
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     model, config = modeling.build(args, resumed)
     tokenizer = get_tokenizer(config.context_length, config.vocab_size)
-    kind, items, epoch_size = _open_data(args, config, tokenizer, rank, world)
+    kind, items, epoch_size = _open_data(args, world)
     if resumed is not None and resumed["data"].get("kind") != kind:
         raise TrainUsageError(f"the checkpoint was trained on {resumed['data'].get('kind')} data; --train-data is "
                               f"{kind} (its data position would mean nothing)")

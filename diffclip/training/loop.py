@@ -136,7 +136,8 @@ def run(trainer: Trainer, loader, source, *, start_step, total_steps, base_lr, w
             mean_loss, = trainer.reduce([float(loss)])
             skipped, trimmed = trainer.reduce([trainer.skipped, trainer.trimmed], op="sum")
             row = {"step": done, "loss": mean_loss, "lr": lr, "images_per_s": images_since / (now - t_last),
-                   "logit_scale": float(trainer.model.logit_scale.detach().exp()), "samples_seen": source.samples_seen(),
+                   "logit_scale": float(trainer.model.logit_scale.detach().exp()),
+                   "samples_seen": source.samples_seen(),
                    "skipped": int(skipped), "trimmed": int(trimmed)}
             if epoch_size:
                 row["epoch"] = source.samples_seen() / epoch_size

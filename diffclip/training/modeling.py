@@ -31,7 +31,8 @@ def config_from_arg(value: str) -> DiffCLIPConfig:
             raise ValueError(f"--config {value}: not JSON ({e})") from None
     known = set(DiffCLIPConfig.__dataclass_fields__)
     if not isinstance(fields, dict) or set(fields) - known:
-        raise ValueError(f"--config {value}: expected an object with DiffCLIPConfig fields ({', '.join(sorted(known))})")
+        raise ValueError(f"--config {value}: expected an object with DiffCLIPConfig fields "
+                         f"({', '.join(sorted(known))})")
     return DiffCLIPConfig(**fields)
 
 
