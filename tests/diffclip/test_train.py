@@ -223,6 +223,11 @@ def test_weight_decay_groups_and_schedule():
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
 
 
+class _CallsPrint:
+    def __reduce__(self):
+        return (print, ("PWNED",))
+
+
 @pytest.mark.parametrize("data,out,args,words", [
     ("train.csv", "new", ["--steps", "0"], "--steps must be >= 1"),
     ("nope.csv", "new", ["--steps", "1"], "training CSV not found"),
@@ -233,16 +238,21 @@ def test_weight_decay_groups_and_schedule():
     ("train.csv", "done", ["--steps", "1"], "already holds a run"),
     ("train.csv", "done", ["--steps", "2", "--resume", "latest", "--config", "vit_b16"], "does not fit the model"),
     ("train.csv", "new", ["--steps", "1", "--init", "TMP/notckpt.pt"], "not a zip-format torch checkpoint"),
+    ("train.csv", "new", ["--steps", "1", "--resume", "TMP/hostile.pt"], "globals outside the allow-list"),
+    ("train.csv", "new", ["--steps", "1", "--resume", "TMP/modelonly.pt"], "not a `diffclip train` checkpoint"),
 ], ids=["bad-steps", "missing-csv", "empty-shards", "missing-column", "epochs-unknown-size", "resume-missing",
-        "out-holds-run", "checkpoint-does-not-fit", "bad-init"])
+        "out-holds-run", "checkpoint-does-not-fit", "bad-init", "resume-hostile-pickle", "resume-model-only"])
 def test_errors_are_one_line_with_exit_status_2(tmp_path, capsys, data, out, args, words):
     write_csv(tmp_path)
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.csv").write_text("image,text\na.png,x\n")
     (tmp_path / "notckpt.pt").write_text("hello")
+    torch.save({"state_dict": {}, "x": _CallsPrint()}, str(tmp_path / "hostile.pt"))
     write_shards(tmp_path / "shards", n=4, shards=1)
     os.remove(tmp_path / "shards" / "00000_stats.json")  # no sample count: --epochs cannot be converted to steps
     assert train(tmp_path, "done", "--steps", "1", "--batch-size", "4")[0] == 0
+    state = torch.load(tmp_path / "done" / "checkpoint_last.pt", weights_only=True)
+    torch.save({"state_dict": state["state_dict"]}, tmp_path / "modelonly.pt")  # weights without training state
     capsys.readouterr()
     args = [a.replace("TMP", str(tmp_path)) for a in args]
     rc, err = train(tmp_path, out, *args, "--batch-size", "4", data=data, capsys=capsys)
