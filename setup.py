@@ -3,7 +3,8 @@
 
 `pip install -e .` gives the kernel and the model's eager/SDPA paths; `.[clip]` adds the tokenizer, image
 preprocessing, checkpoint download and the `diffclip` command line; `.[eval]` adds LAION's CLIP Benchmark for
-`diffclip eval --dataset NAME`; `.[dev]` adds everything plus the test and benchmark tools.
+`diffclip eval --dataset NAME`; `.[train]` adds webdataset for `diffclip train`; `.[dev]` adds everything plus
+the test and benchmark tools.
 """
 
 from pathlib import Path
@@ -23,6 +24,9 @@ CLIP = [
 # `--dataset NAME` of `diffclip eval`: LAION's CLIP Benchmark (the paper's protocol). Its ImageNetV2 loader imports
 # `requests` without declaring it, and its builder imports that loader for every dataset.
 EVAL = ["clip-benchmark>=1.6", "requests"]
+# `diffclip train`: webdataset's tar reader for img2dataset shards (TensorBoard logging is used only if installed:
+# pip install tensorboard).
+TRAIN = ["webdataset>=0.2"]
 TEST = ["pytest>=7", "pytest-benchmark>=4"]
 BENCH = ["matplotlib"]
 
@@ -49,7 +53,8 @@ setup(
         "test": TEST,
         "bench": BENCH,
         "eval": CLIP + EVAL,
-        "dev": CLIP + EVAL + TEST + BENCH,
+        "train": CLIP + TRAIN,
+        "dev": CLIP + EVAL + TRAIN + TEST + BENCH,
     },
     entry_points={"console_scripts": ["diffclip = diffclip.cli:main"]},
     classifiers=[

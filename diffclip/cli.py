@@ -1,5 +1,5 @@
 """`diffclip` command line: zero-shot classification, batch embedding, evaluation, checkpoint conversion,
-relevance maps.
+relevance maps, training.
 
 A thin parser: each subcommand lives in diffclip/commands/ (`add_parser` + `run`); a new one is an import and an
 entry in COMMANDS. Errors a user can cause (bad paths, unreadable images, empty label lists, offline hub) print
@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import convert, embed, eval as eval_command, explain, zero_shot
+from .commands import convert, embed, eval as eval_command, explain, train, zero_shot
 from .distributed import PeerFailed
 from .commands.common import UsageError  # noqa: F401  (re-exported: the CLI's user-error type)
 
-COMMANDS = (zero_shot, embed, eval_command, convert, explain)
+COMMANDS = (zero_shot, embed, eval_command, convert, explain, train)
 
 
 def build_parser() -> argparse.ArgumentParser:
