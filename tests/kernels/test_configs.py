@@ -124,6 +124,24 @@ def test_forced_config_wins_and_is_restored(autotuning_on):
     assert [c[0] for c in tuner.calls] == ["fixed", "autotuned"]
 
 
+def test_forced_dkdv_config_without_split_runs_the_one_pass_form():
+    """Issue 20, item 7: a dK/dV config without SPLIT (the kernel's flag had no default) raised TypeError; SPLIT now
+    defaults to off, so it runs the one-pass form: the same gradients as with SPLIT=False spelled out."""
+    from cases import make_qkv
+    from conftest import DEVICE
+
+    from kernels import diff_attn
+
+    grads = []
+    for kwargs in ({"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT": False}, {"BLOCK_M": 16, "BLOCK_N": 32}):
+        q, k, v = make_qkv(1, 1, 40, 16, torch.float32, DEVICE, requires_grad=True)
+        with configs.force_configs(dkdv=triton.Config(kwargs, num_warps=4, num_stages=1)):
+            diff_attn(q, k, v, 0.5, causal=True).square().sum().backward()
+        grads.append((q.grad, k.grad, v.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def test_force_configs_rejects_unknown_kernels():
     with pytest.raises(ValueError, match="unknown kernel"):
         with configs.force_configs(bwd=configs.INTERPRET["dq"]):
