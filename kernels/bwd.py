@@ -149,7 +149,7 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, N, N_BUCKET, GRID_BUCKET, qk_scale, sm_scale, do_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr = False,
 ):
     """One program: BLOCK_N keys of one diff-head; loops over the query blocks that see them. Works transposed
@@ -238,7 +238,7 @@ def _bwd_dq_kernel(
     stride_lb, stride_lh, stride_ln,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     H, N, N_BUCKET, GRID_BUCKET, qk_scale, sm_scale, do_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one diff-head; loops over the key blocks they see (causal: heaviest
@@ -280,7 +280,7 @@ def _bwd_dq_kernel(
     tl.store(dq_ptrs + stride_dqh, (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
 
 
-_KEY = ["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL"]
+_KEY = ["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "ARCH"]  # ARCH: see the forward's key (fwd.py)
 _bwd_dkdv = triton.autotune(configs=autotune_configs("dkdv"), key=_KEY,
                             prune_configs_by={"early_config_prune": PRUNE["dkdv"]})(_bwd_dkdv_kernel)
 _bwd_dq = triton.autotune(configs=autotune_configs("dq"), key=_KEY,
@@ -311,9 +311,9 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
     dq = alloc.empty_like(q)
     dk = alloc.empty_like(k)
     dv = alloc.empty_like(v)
-    kwargs = dict(HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype))
-    scalars = (H, N, seqlen_bucket(N), grid_bucket(B, H, N), scale * LOG2E, scale, do_scale)
     problem = Problem(d, q.element_size(), causal, N, device_sm(q.device))
+    kwargs = dict(HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), ARCH=problem.sm)
+    scalars = (H, N, seqlen_bucket(N), grid_bucket(B, H, N), scale * LOG2E, scale, do_scale)
     with device_guard(q.device):
         _bwd_preprocess_kernel[(n_pre * B * H,)](
             dout, o_ref, o2, lam_bhn, norm_weight, do, delta, dw_part, dlam,
