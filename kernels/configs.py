@@ -203,7 +203,7 @@ def device_sm(device: torch.device) -> int:
 
 
 def autotune_enabled() -> bool:
-    """DIFF_ATTN_AUTOTUNE=0 uses the first fitting config of each list instead of timing them all (test suites on a
+    """DIFF_ATTN_AUTOTUNE=0 uses the fixed config of each kernel instead of timing them all (test suites on a
     GPU, where autotuning every variant would dominate the run)."""
     return os.environ.get("DIFF_ATTN_AUTOTUNE", "1").strip() != "0"
 
