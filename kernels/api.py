@@ -45,7 +45,9 @@ def diff_attn(
         ``o·rsqrt(mean(o²) + norm_eps)·norm_weight`` when `norm_weight` is given, times `out_scale`. The result is
         a transposed view of a (B, N, H, 2d) buffer, so ``out.transpose(1, 2).reshape(B, N, H * 2 * d)`` is free.
 
-    Differentiable in q, k, v, λ (tensor) and norm_weight. Under ``torch.autocast`` q, k and v are cast to the
+    Differentiable in q, k, v, λ (tensor) and norm_weight, once: differentiating the gradients again (after
+    ``create_graph=True``: gradient penalties, R1, Hessian terms) raises a RuntimeError that names
+    ``kernels.diff_attn_reference``, which is twice differentiable. Under ``torch.autocast`` q, k and v are cast to the
     autocast dtype. Works under ``torch.compile(fullgraph=True)``: traced calls use the `torch.library` ops, eager
     calls a plain autograd.Function over the same functions (less host time; see `kernels/ops.py`).
 

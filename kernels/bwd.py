@@ -1,7 +1,7 @@
 """Fused differential-attention backward: three launches, no N x N tensor, no atomics.
 
-Layout: jit kernels (preprocess, dK/dV, dQ) -> launch helper. Per diff-head, with P1, P2 the two softmax maps,
-O1 = P1·V, O2 = P2·V, o = O1 − λ·O2 (before the epilogue) and dO = ∂L/∂o:
+Layout: jit kernels (dK/dV, dQ; the preprocess kernel is in `bwd_pre.py`) -> launch helper. Per diff-head, with
+P1, P2 the two softmax maps, O1 = P1·V, O2 = P2·V, o = O1 − λ·O2 (before the epilogue) and dO = ∂L/∂o:
 
     Δ1 = rowsum(dO ⊙ O1) = rowsum(dO ⊙ o) + λ·Δ2,   Δ2 = rowsum(dO ⊙ O2),   ∂L/∂λ (per row) = −Δ2
     dP = dO·Vᵀ (one matmul, shared by both maps)
@@ -20,76 +20,11 @@ import triton
 import triton.language as tl
 
 from . import alloc
+from .bwd_pre import _bwd_preprocess_kernel
 from .configs import PRUNE, Problem, autotune_configs, device_sm, grid_bucket, launch, pre_block_m, seqlen_bucket
 from .fwd import LOG2E, _block_and_head, dot_precision
 from .runtime import device_guard
 from .validate import tile_strides_ok
-
-
-@triton.jit
-def _bwd_preprocess_kernel(
-    DOUT, OREF, O2, LAM, NORM_W, DO, DELTA, DW_PART, DLAM,
-    stride_db, stride_dh, stride_dn, stride_dd,
-    stride_rb, stride_rh, stride_rn, stride_rd,
-    stride_lb, stride_lh, stride_ln,
-    stride_w,
-    H, N, norm_eps, out_scale,
-    HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr, NEED_DW: tl.constexpr, NEED_DLAM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """Epilogue backward, both Δs, the per-row ∂L/∂λ = −rowsum(dO ⊙ O2), and the norm weight's per-block partial
-    gradient.
-
-    OREF is the pre-norm difference o when HAS_NORM, else the output itself (= out_scale·o). Without the norm the
-    main kernels read DOUT directly and apply out_scale themselves, so nothing (B, H, N, 2d) is written here.
-    """
-    pid_m, bh = _block_and_head(N, BLOCK_M, False)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    row0 = (pid_m * BLOCK_M).to(tl.int64)
-    rows = tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, 2 * HEAD_DIM)
-    row_ok = pid_m * BLOCK_M + rows < N
-    m2 = row_ok[:, None]
-
-    dy = tl.load(DOUT + b * stride_db + h * stride_dh + row0 * stride_dn
-                 + (rows[:, None] * stride_dn + offs_dv[None, :] * stride_dd), mask=m2, other=0.0).to(tl.float32)
-    o = tl.load(OREF + b * stride_rb + h * stride_rh + row0 * stride_rn
-                + (rows[:, None] * stride_rn + offs_dv[None, :] * stride_rd), mask=m2, other=0.0).to(tl.float32)
-    sav_base = ((b * H + h) * N + row0) * (2 * HEAD_DIM)  # the saved (B, H, N, 2d) buffers are contiguous
-    sav_tile = rows[:, None] * (2 * HEAD_DIM) + offs_dv[None, :]
-    o2 = tl.load(O2 + sav_base + sav_tile, mask=m2, other=0.0).to(tl.float32)
-    lam = tl.load(LAM + b * stride_lb + h * stride_lh + row0 * stride_ln + rows * stride_ln, mask=row_ok,
-                  other=0.0).to(tl.float32)
-
-    if HAS_NORM:
-        # y = o·rstd·w·c  =>  dO = rstd·(g − o·rstd²·mean(g ⊙ o)),  g = dy·w·c;   dw = Σ_rows dy ⊙ o·rstd·c
-        rstd = tl.math.rsqrt(tl.sum(o * o, 1) / (2 * HEAD_DIM) + norm_eps)
-        w = tl.load(NORM_W + offs_dv * stride_w).to(tl.float32)
-        if NEED_DW:
-            part = tl.sum(dy * o * rstd[:, None], 0) * out_scale
-            tl.store(DW_PART + tl.program_id(0).to(tl.int64) * (2 * HEAD_DIM) + offs_dv, part)
-        g = dy * (w * out_scale)[None, :]
-        dot_go = tl.sum(g * o, 1) / (2 * HEAD_DIM)
-        do = rstd[:, None] * (g - o * (rstd * rstd * dot_go)[:, None])
-        if NEED_DLAM:  # λ's gradient from the unrounded dO: it is an output of its own, not part of dS
-            tl.store(DLAM + (b * H + h) * N + row0 + rows, -tl.sum(do * o2, 1), mask=row_ok)
-        do = do.to(DO.dtype.element_ty)
-        tl.store(DO + sav_base + sav_tile, do, mask=m2)
-        # The Δs from the rounded dO that the main kernels' dP = dO·Vᵀ uses, so that dP − Δ is consistent.
-        do = do.to(tl.float32)
-        delta_o = tl.sum(do * o, 1)
-        delta2 = tl.sum(do * o2, 1)
-    else:
-        # dO = out_scale·dy and OREF = out_scale·o: rowsum(dO ⊙ o) = rowsum(dy ⊙ OREF), no division by out_scale.
-        delta_o = tl.sum(dy * o, 1)
-        delta2 = tl.sum(dy * o2, 1) * out_scale
-        if NEED_DLAM:
-            tl.store(DLAM + (b * H + h) * N + row0 + rows, -delta2, mask=row_ok)
-    delta1 = delta_o + lam * delta2
-    d_base = DELTA + (b * 2 * H + 2 * h) * N + row0
-    tl.store(d_base + rows, delta1, mask=row_ok)
-    tl.store(d_base + N + rows, delta2, mask=row_ok)
 
 
 @triton.jit
@@ -214,8 +149,8 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, N, N_BUCKET, GRID_BUCKET, qk_scale, sm_scale, do_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr = False,
 ):
     """One program: BLOCK_N keys of one diff-head; loops over the query blocks that see them. Works transposed
     (keys along rows) so that dK1, dK2 and dV accumulate without a transpose. Causal key blocks are heaviest
@@ -223,7 +158,8 @@ def _bwd_dkdv_kernel(
 
     SPLIT: two passes over the queries, dK1/dK2 first (stored), then dV. Only 2d fp32 accumulator columns are live
     at a time instead of 4d, which lets d = 128 use 64-key blocks (wgmma on Hopper) without spilling; the price is
-    recomputing both maps (two QKᵀ and their exponentials) in the second pass."""
+    recomputing both maps (two QKᵀ and their exponentials) in the second pass. Off by default, so that a config
+    without the flag (e.g. one given to `force_configs`) launches the one-pass form."""
     block_n, bh = _block_and_head(N, BLOCK_N, False)
     start_n = block_n * BLOCK_N
     b = (bh // H).to(tl.int64)
@@ -302,7 +238,7 @@ def _bwd_dq_kernel(
     stride_lb, stride_lh, stride_ln,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     H, N, N_BUCKET, GRID_BUCKET, qk_scale, sm_scale, do_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one diff-head; loops over the key blocks they see (causal: heaviest
@@ -344,7 +280,7 @@ def _bwd_dq_kernel(
     tl.store(dq_ptrs + stride_dqh, (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
 
 
-_KEY = ["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL"]
+_KEY = ["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "ARCH"]  # ARCH: see the forward's key (fwd.py)
 _bwd_dkdv = triton.autotune(configs=autotune_configs("dkdv"), key=_KEY,
                             prune_configs_by={"early_config_prune": PRUNE["dkdv"]})(_bwd_dkdv_kernel)
 _bwd_dq = triton.autotune(configs=autotune_configs("dq"), key=_KEY,
@@ -375,9 +311,9 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
     dq = alloc.empty_like(q)
     dk = alloc.empty_like(k)
     dv = alloc.empty_like(v)
-    kwargs = dict(HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype))
-    scalars = (H, N, seqlen_bucket(N), grid_bucket(B, H, N), scale * LOG2E, scale, do_scale)
     problem = Problem(d, q.element_size(), causal, N, device_sm(q.device))
+    kwargs = dict(HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), ARCH=problem.sm)
+    scalars = (H, N, seqlen_bucket(N), grid_bucket(B, H, N), scale * LOG2E, scale, do_scale)
     with device_guard(q.device):
         _bwd_preprocess_kernel[(n_pre * B * H,)](
             dout, o_ref, o2, lam_bhn, norm_weight, do, delta, dw_part, dlam,

@@ -110,7 +110,7 @@ def compile_fwd(arch, dtype, head_dim, causal, cfg, *, has_norm=True, save_for_b
     sig.update({"qk_scale": "fp32", "norm_eps": "fp32", "out_scale": "fp32"})
     const = {
         "HEAD_DIM": head_dim, "CAUSAL": causal, "HAS_NORM": has_norm, "SAVE_FOR_BWD": save_for_bwd,
-        "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", **cfg.kwargs,
+        "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "ARCH": arch, **cfg.kwargs,
     }
     for name in ("NORM_W", "LSE", "O2", "OPRE"):
         if sig[name] == "constexpr":
@@ -157,6 +157,7 @@ def compile_bwd(kernel, arch, dtype, head_dim, causal, cfg):
     ptrs = {a: "x" for a in ("Q", "K", "V", "DO", "DK", "DV", "DQ")}
     ptrs.update({"LSE": "*fp32", "DELTA": "*fp32", "LAM": "*fp32"})
     sig, const = _bwd_signature(fn, dtype, head_dim, causal, cfg, ptrs)
+    const["ARCH"] = arch
     return _compile(fn, sig, const, arch, cfg, _aligned_strides(fn))
 
 

@@ -5,6 +5,11 @@ The lists are small on purpose: every entry is compiled ahead of time for sm_80 
 (tests/kernels/test_compile.py), which checks shared memory and that ptxas reports no spills. Under Triton's
 interpreter a single config is used (autotuning there would only measure numpy).
 
+Launch policy (`launch`): a forced config, else a fixed config (deterministic mode, DIFF_ATTN_AUTOTUNE=0), else the
+config autotuning chose for the problem's key, recorded here per kernel. The record, not Triton's own cache, is what
+later launches use: one choice per key whatever the forward saves for backward, and no benchmarking while a CUDA graph
+is being captured (see `launch`).
+
 Row metadata (head dims, minimum architecture, dtype class) lives in a side table keyed by the block shape, not on
 the `triton.Config` objects: Triton's on-disk autotune cache (TRITON_CACHE_AUTOTUNING=1) serialises
 `config.__dict__` to JSON and rebuilds `Config(**d)`, so a Config must carry nothing but its own fields.
@@ -13,7 +18,10 @@ the `triton.Config` objects: Triton's on-disk autotune cache (TRITON_CACHE_AUTOT
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +72,8 @@ def config_key(cfg: triton.Config) -> tuple:
 # One forward program holds two fp32 accumulators of BLOCK_M x 2d, i.e. the registers of a plain flash-attention
 # program with a 4d-wide output; d=128 therefore only gets 32/64-row blocks. Every row compiles for sm_80 and
 # sm_90 without spills (checked by tests/kernels/test_compile.py; `python -m kernels.compile_check` prints them).
-# The first fitting row of each list is the fixed config of deterministic mode and DIFF_ATTN_AUTOTUNE=0.
+# The fixed config of deterministic mode and DIFF_ATTN_AUTOTUNE=0 is the measured winner where one exists
+# (MEASURED_WINNERS below), else the first fitting row of the list.
 ROWS = {
     "fwd": [
         Row(128, 32, 8, 2, _D64, min_sm=90),  # spills 24 B on sm_80 with Triton 3.6's ptxas: Hopper and newer only
@@ -125,6 +134,21 @@ def _side_table():
 
 _ROW_BY_KEY = _side_table()
 
+# The fixed row of a problem class (kernel, compute capability, head dim, bytes per input element) where a device
+# sweep measured one: the H200 run of 2026-11-28 (benchmarks/results/2026-11-28-h200/bench_diff_attn.log; the
+# reduced sweep at DiffCLIP's vision shape B=256 H=6 N=197 d=64, bf16, non-causal; benchmarks/NOTES.md). Each row
+# was timed with the other kernels fixed: forward 128x32x8w 0.370 ms (next 0.510); dK/dV 32x32x4w 1.199 ms (the
+# first row then, 32x64x8w, 1.438); dQ 64x32x4w 1.188 ms (the first row then, 64x64x8w, 1.438). Applied to the
+# whole class (causal and other lengths too: no other measurement exists) where the row fits the problem.
+MEASURED_WINNERS = {
+    ("fwd", 90, 64, 2): (128, 32, 8, 2, None),
+    ("dkdv", 90, 64, 2): (32, 32, 4, 2, False),
+    ("dq", 90, 64, 2): (64, 32, 4, 2, None),
+}
+for (_kernel, *_), _key in MEASURED_WINNERS.items():
+    if _key not in _ROW_BY_KEY[_kernel]:  # a winner must stay in its list (it is compiled and checked there)
+        raise RuntimeError(f"measured {_kernel} winner {_key} is not a row of kernels/configs.py")
+
 INTERPRET = {
     "fwd": triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
     "dkdv": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT": False}, num_warps=4, num_stages=1),
@@ -179,7 +203,7 @@ def device_sm(device: torch.device) -> int:
 
 
 def autotune_enabled() -> bool:
-    """DIFF_ATTN_AUTOTUNE=0 uses the first fitting config of each list instead of timing them all (test suites on a
+    """DIFF_ATTN_AUTOTUNE=0 uses the fixed config of each kernel instead of timing them all (test suites on a
     GPU, where autotuning every variant would dominate the run)."""
     return os.environ.get("DIFF_ATTN_AUTOTUNE", "1").strip() != "0"
 
@@ -211,15 +235,22 @@ def force_configs(**by_kernel):
 
 
 def fixed_config(kernel: str, p: Problem) -> triton.Config:
-    """The config used without autotuning: forced, else the interpreter's, else the first fitting row."""
+    """The config used without autotuning: forced, else the interpreter's, else the measured winner of the
+    problem's class where one exists and fits (MEASURED_WINNERS), else the first fitting row."""
     if kernel in _forced:
         return _forced[kernel]
     if interpreter_enabled():
         return INTERPRET[kernel]
+    return _fixed_row(kernel, p)
+
+
+@functools.lru_cache(maxsize=None)  # a handful of problems per process; saves the list walk per launch
+def _fixed_row(kernel: str, p: Problem) -> triton.Config:
     rows = fitting_rows(kernel, p)
     if not rows:  # every (head dim, dtype, arch) has rows; reaching this is a bug in the lists
         raise RuntimeError(f"no {kernel} config fits {p}")
-    return rows[0].config()
+    winner = MEASURED_WINNERS.get((kernel, p.sm, p.head_dim, p.dtype_bytes))
+    return next((r for r in rows if r.key == winner), rows[0]).config()
 
 
 # kernel -> the Config of its latest launch (benchmarks record what autotuning chose, via `describe`)
@@ -233,15 +264,66 @@ def describe(cfg: triton.Config) -> str:
     return f"{kw} w={cfg.num_warps} s={cfg.num_stages}"
 
 
+# kernel -> {tune key: (Config, its launch kwargs)}: what autotuning chose per key in this process. Launches read
+# this record, not Triton's cache, because Triton's cache key also holds the dtype of every tensor argument: the
+# training forward (LSE/O2 buffers) and the inference forward (None there) would be tuned apart and could pick
+# different blocks, i.e. different bits for the same inputs (activation checkpointing recomputes under grad what
+# first ran without). The key leaves SAVE_FOR_BWD out, so both share one choice, whichever ran first.
+_TUNED: dict = {kernel: {} for kernel in KERNELS}
+
+
+def tune_key(autotuned, args, kwargs) -> tuple:
+    """The values of the autotuner's key arguments (ARCH included) and the input dtype (args[0] is Q)."""
+    names = autotuned.arg_names
+    return tuple(kwargs[n] if n in kwargs else args[names.index(n)] for n in autotuned.keys) + (str(args[0].dtype),)
+
+
+def stream_capturing(device: torch.device) -> bool:
+    """Whether `device`'s current stream is capturing a CUDA graph (launches run under the tensors' device guard, so
+    the current stream is theirs). Not asked for other devices: CUDA may not even be usable there."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _untuned_config(kernel: str, autotuned, key: tuple, p: Problem) -> triton.Config:
+    """A config for a key never tuned, during a CUDA-graph capture: autotuning there would benchmark and synchronise,
+    which breaks the capture. The choice of the nearest tuned key (the same problem at the closest launch size, so
+    its kernel is compiled already), else the fixed config. Not recorded: a later launch outside a capture tunes."""
+    gb = autotuned.keys.index("GRID_BUCKET")
+    same = [(k, c) for k, (c, _) in _TUNED[kernel].items()
+            if k[:gb] + k[gb + 1:] == key[:gb] + key[gb + 1:]
+            and ((row := row_of(kernel, c)) is None or row_fits(kernel, row, p))]
+    if same:
+        near_key, cfg = min(same, key=lambda kc: (abs(math.log2(kc[0][gb]) - math.log2(key[gb])), kc[0][gb]))
+        how = f"the config tuned at GRID_BUCKET={near_key[gb]} ({describe(cfg)})"
+    else:
+        cfg = fixed_config(kernel, p)
+        how = f"the fixed config ({describe(cfg)})"
+    warnings.warn(f"diff_attn: {kernel} was never autotuned for GRID_BUCKET={key[gb]} of {p} and a CUDA graph is "
+                  f"being captured, where autotuning cannot run; launched with {how}. Warm up at this batch size "
+                  f"outside the capture to use the tuned config", RuntimeWarning, stacklevel=4)
+    return cfg
+
+
 def launch(kernel: str, autotuned, grid, args, kwargs, p: Problem) -> triton.Config | None:
     """Launch one kernel by the policy: forced config > fixed config (deterministic mode or DIFF_ATTN_AUTOTUNE=0)
-    > autotuning. Returns the config launched with (the autotuner's choice when it tuned)."""
+    > the config autotuning chose for this key (tuning it on first sight, except during a CUDA-graph capture).
+    Returns the config launched with."""
     if kernel in _forced or deterministic_enabled() or not autotune_enabled():
         cfg = fixed_config(kernel, p)
         autotuned.fn[grid](*args, **kwargs, **cfg.all_kwargs())
     else:
-        autotuned[grid](*args, **kwargs)
-        cfg = autotuned.best_config
+        key = tune_key(autotuned, args, kwargs)
+        tuned = _TUNED[kernel].get(key)
+        if tuned is not None:
+            cfg, cfg_kwargs = tuned
+            autotuned.fn[grid](*args, **kwargs, **cfg_kwargs)
+        elif stream_capturing(args[0].device):
+            cfg = _untuned_config(kernel, autotuned, key, p)
+            autotuned.fn[grid](*args, **kwargs, **cfg.all_kwargs())
+        else:
+            autotuned[grid](*args, **kwargs)
+            cfg = autotuned.best_config
+            _TUNED[kernel][key] = (cfg, cfg.all_kwargs())
     LAST_CONFIG[kernel] = cfg
     return cfg
 
@@ -250,8 +332,7 @@ def _prune(kernel: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         q = args["Q"]
-        p = Problem(int(args["HEAD_DIM"]), q.element_size(), bool(args["CAUSAL"]), int(args["N"]),
-                    device_sm(q.device))
+        p = Problem(int(args["HEAD_DIM"]), q.element_size(), bool(args["CAUSAL"]), int(args["N"]), int(args["ARCH"]))
         kept = [c for c in configs if (row := row_of(kernel, c)) is None or row_fits(kernel, row, p)]
         if not kept:
             raise RuntimeError(f"no {kernel} config fits {p}")

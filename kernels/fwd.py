@@ -104,7 +104,7 @@ def _diff_attn_fwd_kernel(
     stride_w,
     H, N, N_BUCKET, GRID_BUCKET, qk_scale, norm_eps, out_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_NORM: tl.constexpr, SAVE_FOR_BWD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # The causal split below walks [0, row0) in whole key blocks: row0 must be a multiple of BLOCK_N.
     tl.static_assert(not CAUSAL or BLOCK_M % BLOCK_N == 0, "causal forward needs BLOCK_M % BLOCK_N == 0")
@@ -195,11 +195,14 @@ def _diff_attn_fwd_kernel(
         tl.store(lse_base + N + rows, lse2, mask=row_ok)
 
 
-# HAS_NORM and SAVE_FOR_BWD are passed explicitly (not derived by @triton.heuristics): the autotuner reads its
-# key before heuristics run, so derived flags would be missing from the key.
+# HAS_NORM is passed explicitly (not derived by @triton.heuristics): the autotuner reads its key before heuristics
+# run, so a derived flag would be missing from the key. ARCH (compute capability x10; unused by the code) keys the
+# choice by architecture: in a process with an sm_80 and an sm_90 GPU, a Hopper-only row tuned on one must not be
+# reused on the other. SAVE_FOR_BWD is deliberately not in the key: the training and the inference forward share
+# one choice per problem (configs.launch), so that both give the same bits.
 _diff_attn_fwd = triton.autotune(
     configs=autotune_configs("fwd"),
-    key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_NORM", "SAVE_FOR_BWD"],
+    key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_NORM", "ARCH"],
     prune_configs_by={"early_config_prune": PRUNE["fwd"]},
 )(_diff_attn_fwd_kernel)
 
@@ -237,9 +240,9 @@ def diff_attn_fwd(q, k, v, lam_bhn, norm_weight, *, causal, scale, norm_eps, out
         norm_weight.stride(0) if norm_weight is not None else 0,
         H, N, seqlen_bucket(N), grid_bucket(B, H, N), scale * LOG2E, norm_eps, out_scale,
     )
-    kwargs = dict(HEAD_DIM=d, CAUSAL=causal, HAS_NORM=norm_weight is not None, SAVE_FOR_BWD=save_for_bwd,
-                  DOT_PRECISION=dot_precision(q.dtype))
     problem = Problem(d, q.element_size(), causal, N, device_sm(q.device))
+    kwargs = dict(HEAD_DIM=d, CAUSAL=causal, HAS_NORM=norm_weight is not None, SAVE_FOR_BWD=save_for_bwd,
+                  DOT_PRECISION=dot_precision(q.dtype), ARCH=problem.sm)
     with device_guard(q.device):
         launch("fwd", _diff_attn_fwd, grid, args, kwargs, problem)
     return out, lse, o2, o_pre

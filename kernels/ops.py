@@ -124,17 +124,53 @@ def _setup_context(ctx, inputs, output):
     out, lse, o2, o_pre = output
     _save(ctx, q, k, v, lam, norm_weight, out, lse, o2, o_pre, (causal, scale, norm_eps, out_scale))
     ctx.mark_non_differentiable(lse, o2, o_pre)
+    # lse, o2 and o_pre never receive a gradient: without this, autograd would allocate and zero-fill one of their
+    # size per backward only for `_backward` to ignore it (3 x (B, H, N, 2d)-sized buffers).
+    ctx.set_materialize_grads(False)
+
+
+DOUBLE_BACKWARD_ERROR = (
+    "kernels.diff_attn has no double backward: a gradient computed with create_graph=True is being "
+    "differentiated again (a gradient penalty, R1, a Jacobian or Hessian term). Use kernels.diff_attn_reference "
+    "(plain PyTorch, twice differentiable) for that term"
+)
 
 
 def _grads(ctx, dout, backward):
-    """The nine input gradients from the saved state, through `backward` (the op, or `_backward_impl`)."""
+    """The nine input gradients from the saved state, through `backward` (the op, or `_backward_impl`).
+
+    The kernels' gradients are not differentiable themselves. Under create_graph=True they are returned through
+    PyTorch's DelayedError node (what @once_differentiable uses, with our message): the first-order gradients are
+    unchanged, and differentiating them again raises DOUBLE_BACKWARD_ERROR instead of silently treating them as
+    constants. Both paths (the op and the eager Function) go through here, so both raise the same error.
+    """
     q, k, v, lam, norm_weight, o_ref, o2, lse = ctx.saved_tensors
     needs_dlam, needs_dw = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-    dq, dk, dv, dlam, dw = backward(dout, q, k, v, lam, norm_weight, o_ref, o2, lse, *ctx.args, needs_dlam, needs_dw)
-    return dq, dk, dv, dlam if needs_dlam else None, dw if needs_dw else None, None, None, None, None
+    with torch.no_grad():  # no autograd node for the backward op itself (it has no formula)
+        dq, dk, dv, dlam, dw = backward(dout, q, k, v, lam, norm_weight, o_ref, o2, lse, *ctx.args, needs_dlam,
+                                        needs_dw)
+    grads = (dq, dk, dv, dlam if needs_dlam else None, dw if needs_dw else None)
+    # The gradients depend on dout and on every saved input (not only on dout, which is all @once_differentiable
+    # looks at): with `out.sum()` as the loss dout is a constant, yet dq still depends on q, k, v.
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (dout, q, k, v, lam, norm_weight)):
+        grads = _double_backward_error(grads)
+    return (*grads, None, None, None, None)
+
+
+def _double_backward_error(grads):
+    present = [g for g in grads if g is not None]
+    aliases = []
+    for g in present:  # DelayedError needs inputs that require grad to give its outputs a grad_fn
+        g = g.detach()
+        g.requires_grad_(True)
+        aliases.append(g)
+    out = iter(torch._C._functions.DelayedError(DOUBLE_BACKWARD_ERROR, len(aliases))(*aliases))
+    return tuple(next(out) if g is not None else None for g in grads)
 
 
 def _backward(ctx, dout, _dlse, _do2, _dopre):
+    # Only `out` is differentiable, and this runs only when some output has a gradient: dout is not None even
+    # without materialised gradients.
     return _grads(ctx, dout, torch.ops.diffattn.diff_attn_backward)
 
 

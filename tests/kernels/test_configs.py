@@ -1,5 +1,6 @@
-"""The autotune lists and the launch policy: configs survive Triton's on-disk autotune cache, the autotune keys hold
-every flag and the launch size, deterministic mode and forced configs bypass autotuning, launches go to q's GPU."""
+"""The autotune lists: configs survive Triton's on-disk autotune cache, the autotune keys hold every flag, the
+launch size and the architecture, forced configs, launches go to q's GPU. The launch policy (fixed rows, the
+autotune record, CUDA-graph capture) is tested in test_autotune_policy.py."""
 
 import json
 
@@ -32,9 +33,11 @@ def test_autotune_key_names_are_kernel_arguments(kernel):
     """Triton silently drops key names that are not call arguments (e.g. flags set by @triton.heuristics)."""
     tuner = AUTOTUNED[kernel]
     assert set(tuner.keys) <= set(tuner.arg_names), set(tuner.keys) - set(tuner.arg_names)
-    assert {"N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL"} <= set(tuner.keys)
+    assert {"N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "ARCH"} <= set(tuner.keys)
     if kernel == "fwd":
-        assert {"HAS_NORM", "SAVE_FOR_BWD"} <= set(tuner.keys)
+        assert "HAS_NORM" in tuner.keys
+        # Training and inference forwards share one choice (tests/kernels/test_autotune_policy.py)
+        assert "SAVE_FOR_BWD" not in tuner.keys
 
 
 def test_grid_bucket_separates_small_and_large_batches():
@@ -66,62 +69,22 @@ def test_causal_forward_rows_are_block_aligned():
         assert row.block_m % row.block_n == 0, row
 
 
-class _FakeTuner:
-    """Records how `configs.launch` launched: through the autotuner or straight to the jit function."""
+def test_forced_dkdv_config_without_split_runs_the_one_pass_form():
+    """Issue 20, item 7: a dK/dV config without SPLIT (the kernel's flag had no default) raised TypeError; SPLIT now
+    defaults to off, so it runs the one-pass form: the same gradients as with SPLIT=False spelled out."""
+    from cases import make_qkv
+    from conftest import DEVICE
 
-    def __init__(self):
-        self.calls = []
-        self.best_config = "tuned"
-        outer = self
+    from kernels import diff_attn
 
-        class _Fn:
-            def __getitem__(self, grid):
-                return lambda *a, **kw: outer.calls.append(("fixed", kw))
-
-        self.fn = _Fn()
-
-    def __getitem__(self, grid):
-        return lambda *a, **kw: self.calls.append(("autotuned", kw))
-
-
-_P = configs.Problem(64, 2, False, 197, 90)
-
-
-@pytest.fixture
-def autotuning_on(monkeypatch):
-    monkeypatch.setenv("DIFF_ATTN_AUTOTUNE", "1")
-    monkeypatch.delenv("DIFF_ATTN_DETERMINISTIC", raising=False)
-    monkeypatch.setattr(configs, "interpreter_enabled", lambda: False)
-
-
-def test_launch_autotunes_by_default(autotuning_on):
-    tuner = _FakeTuner()
-    assert configs.launch("fwd", tuner, None, (), {}, _P) == "tuned"
-    assert tuner.calls == [("autotuned", {})]
-
-
-@pytest.mark.parametrize("how", ["torch", "env", "no-autotune"])
-def test_deterministic_mode_uses_the_first_fitting_row(autotuning_on, monkeypatch, how):
-    if how == "torch":
-        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    elif how == "env":
-        monkeypatch.setenv("DIFF_ATTN_DETERMINISTIC", "1")
-    else:
-        monkeypatch.setenv("DIFF_ATTN_AUTOTUNE", "0")
-    tuner = _FakeTuner()
-    cfg = configs.launch("fwd", tuner, None, (), {}, _P)
-    want = configs.fitting_rows("fwd", _P)[0].config()
-    assert cfg.all_kwargs() == want.all_kwargs()
-    assert tuner.calls == [("fixed", want.all_kwargs())]
-
-
-def test_forced_config_wins_and_is_restored(autotuning_on):
-    forced = configs.ROWS["dq"][-1].config()
-    tuner = _FakeTuner()
-    with configs.force_configs(dq=forced):
-        assert configs.launch("dq", tuner, None, (), {}, _P) is forced
-    assert configs.launch("dq", tuner, None, (), {}, _P) == "tuned"
-    assert [c[0] for c in tuner.calls] == ["fixed", "autotuned"]
+    grads = []
+    for kwargs in ({"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT": False}, {"BLOCK_M": 16, "BLOCK_N": 32}):
+        q, k, v = make_qkv(1, 1, 40, 16, torch.float32, DEVICE, requires_grad=True)
+        with configs.force_configs(dkdv=triton.Config(kwargs, num_warps=4, num_stages=1)):
+            diff_attn(q, k, v, 0.5, causal=True).square().sum().backward()
+        grads.append((q.grad, k.grad, v.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 def test_force_configs_rejects_unknown_kernels():

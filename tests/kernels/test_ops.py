@@ -92,6 +92,70 @@ def test_eager_path_equals_the_ops_bit_for_bit(causal, norm):
         assert torch.equal(a, b)
 
 
+def _call(path, q, k, v, lam, causal=True):
+    if path == "eager":
+        return diff_attn(q, k, v, lam, causal=causal)
+    return torch.ops.diffattn.diff_attn(q, k, v, lam.view(1, 1, 1), None, causal, q.shape[-1] ** -0.5, 1e-5, 1.0)[0]
+
+
+@pytest.mark.parametrize("path", ["eager", "op"])
+@pytest.mark.parametrize("loss", ["square", "sum"], ids=["dout_needs_grad", "dout_constant"])
+def test_double_backward_raises_the_same_clear_error_on_both_paths(path, loss):
+    """Issue 20, item 1: with create_graph=True the eager path returned gradients without a grad_fn, so a gradient
+    penalty built from them was silently dropped (the op path raised PyTorch's generic error). Both now raise our
+    message when the gradients are differentiated again, also when dout is a constant (loss = out.sum(): dq still
+    depends on q, k, v); the first-order gradients are unchanged by create_graph."""
+    q, k, v = make_qkv(1, 2, 13, 16, torch.float32, DEVICE, requires_grad=True)
+    lam = torch.tensor(0.6, device=DEVICE, requires_grad=True)
+    reduce = (lambda o: o.square().sum()) if loss == "square" else (lambda o: o.sum())
+    plain = torch.autograd.grad(reduce(_call(path, q, k, v, lam)), (q, k, v, lam))
+    grads = torch.autograd.grad(reduce(_call(path, q, k, v, lam)), (q, k, v, lam), create_graph=True)
+    for a, b in zip(plain, grads):
+        assert torch.equal(a, b)
+    assert all(g.grad_fn is not None for g in grads)  # not constants: differentiating them must not go unnoticed
+    penalty = sum(g.square().sum() for g in grads)
+    with pytest.raises(RuntimeError, match="kernels.diff_attn has no double backward.*diff_attn_reference"):
+        penalty.backward()
+
+
+def test_reference_supports_double_backward():
+    """The alternative the error names: the reference is twice differentiable (float64 gradgradcheck)."""
+    q, k, v = (t.double().requires_grad_() for t in make_qkv(1, 1, 5, 16, torch.float32, DEVICE))
+    lam = torch.tensor(0.6, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    w = torch.linspace(0.5, 1.5, 32, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    f = lambda q, k, v, lam, w: diff_attn_reference(q, k, v, lam, causal=True, norm_weight=w, out_scale=0.7)  # noqa
+    assert torch.autograd.gradgradcheck(f, (q, k, v, lam, w))
+
+
+def test_no_zero_gradients_materialised_for_the_saved_outputs():
+    """Issue 20, item 2: lse, o2 and o_pre never get a gradient; autograd used to allocate and zero three buffers
+    of their size per backward of the op (aten::zeros in the eager op path). Neither the op's eager backward nor
+    the traced backward graph may create zeros or fills."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    q, k, v, lam, w, causal, scale, eps, out_scale = _op_args(torch.float32, True, True)
+    out = torch.ops.diffattn.diff_attn(q, k, v, lam, w, causal, scale, eps, out_scale)[0]
+    loss = out.square().sum()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    names = [e.name for e in prof.events()]
+    assert "diffattn::diff_attn_backward" in names
+    assert not [n for n in names if n in ("aten::zeros", "aten::zero_", "aten::zeros_like")], names
+
+    torch._dynamo.reset()
+    graphs = []
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm),
+                           bw_compiler=lambda gm, _: graphs.append(gm) or make_boxed_func(gm))
+    f = torch.compile(lambda *a: diff_attn(*a[:3], a[3], causal=True, norm_weight=a[4]), backend=backend,
+                      fullgraph=True)
+    f(q, k, v, lam, w).square().sum().backward()
+    (graph,) = graphs
+    targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    assert "diffattn.diff_attn_backward.default" in targets
+    assert not [t for t in targets if any(word in t for word in ("zeros", "fill", "full"))], targets
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_compile_fullgraph_forward_and_backward(causal):
     torch._dynamo.reset()
