@@ -3,7 +3,8 @@ shapes, so that one short GPU run tells which rows win and which never do.
 
 Each row forces one kernel's config (`kernels.configs.force_configs`) and times **that kernel alone**: the device
 time of its launches, read from the profiler (`common.kernel_ms`), so the other kernels of the step (the backward's
-preprocess and its other main kernel, held at their fixed configs) add nothing. (The first H200 run timed the whole
+preprocess and its other main kernel, held at their fixed configs: the measured winners where there are some, see
+`kernels.configs.fixed_config`) add nothing. (The first H200 run timed the whole
 backward, so every dK/dV row carried the dQ kernel's fixed-row time and vice versa: the "~1.19 ms floor" of that
 sweep was the partner kernel, not host time.) Kernels:
 - fwd:       the inference forward (no saved state);

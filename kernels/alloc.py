@@ -36,8 +36,10 @@ def poison_outputs(enabled: bool = True):
 
 def _unfilled(make):
     """`make()` (an allocation) without deterministic mode's NaN fill; see the module docstring for why."""
+    if not torch.are_deterministic_algorithms_enabled():  # the common case first: one cheap C call
+        return make()
     det = torch.utils.deterministic
-    if not (det.fill_uninitialized_memory and torch.are_deterministic_algorithms_enabled()):
+    if not det.fill_uninitialized_memory:
         return make()
     det.fill_uninitialized_memory = False
     try:

@@ -21,7 +21,8 @@ import triton.language as tl
 
 from . import alloc
 from .bwd_pre import _bwd_preprocess_kernel
-from .configs import PRUNE, Problem, autotune_configs, device_sm, grid_bucket, launch, pre_block_m, seqlen_bucket
+from .configs import (PRUNE, Problem, autotune_configs, cdiv, device_sm, grid_bucket, launch, pre_block_m,
+                      seqlen_bucket)
 from .fwd import LOG2E, _block_and_head, dot_precision
 from .runtime import device_guard
 from .validate import tile_strides_ok
@@ -299,7 +300,7 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
         dout = dout.contiguous()
     has_norm = norm_weight is not None
     pre_m = pre_block_m(d)
-    n_pre = triton.cdiv(N, pre_m)
+    n_pre = cdiv(N, pre_m)
     delta = alloc.empty(B, H2, N, dtype=torch.float32, device=q.device)
     do = alloc.empty(B, H, N, 2 * d, dtype=q.dtype, device=q.device) if has_norm else None
     dw_part = alloc.empty(B * H * n_pre, 2 * d, dtype=torch.float32, device=q.device) if has_norm and needs_dw \
@@ -321,11 +322,11 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
             H, N, norm_eps, out_scale,
             HEAD_DIM=d, HAS_NORM=has_norm, NEED_DW=dw_part is not None, NEED_DLAM=needs_dlam, BLOCK_M=pre_m,
         )
-        launch("dkdv", _bwd_dkdv, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * B * H,), (
+        launch("dkdv", _bwd_dkdv, lambda meta: (cdiv(N, meta["BLOCK_N"]) * B * H,), (
             q, k, v, g, lse, delta, lam_bhn, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *g.stride(), *lam_bhn.stride(), *dk.stride(), *dv.stride(),
             *scalars), kwargs, problem)
-        launch("dq", _bwd_dq, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * B * H,), (
+        launch("dq", _bwd_dq, lambda meta: (cdiv(N, meta["BLOCK_M"]) * B * H,), (
             q, k, v, g, lse, delta, lam_bhn, dq,
             *q.stride(), *k.stride(), *v.stride(), *g.stride(), *lam_bhn.stride(), *dq.stride(),
             *scalars), kwargs, problem)

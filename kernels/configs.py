@@ -344,16 +344,27 @@ def _prune(kernel: str):
 PRUNE = {kernel: _prune(kernel) for kernel in KERNELS}
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) in plain Python: `triton.cdiv` is a constexpr function whose call costs microseconds on the host,
+    and the launch path computes several per call."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), in plain Python (see `cdiv`)."""
+    return 1 << (n - 1).bit_length()
+
+
 def grid_bucket(batch: int, heads: int, seqlen: int) -> int:
     """Autotune key for the launch size: programs at 64-row blocks, rounded up to a power of two and capped at 4096
     (about 15 waves of two programs per SM on an H100; past that the best block stops depending on the batch).
     A first call at B=1 then does not fix the config used at B=256."""
-    return min(4096, triton.next_power_of_2(max(1, batch * heads * triton.cdiv(seqlen, 64))))
+    return min(4096, next_power_of_2(max(1, batch * heads * cdiv(seqlen, 64))))
 
 
 def seqlen_bucket(n: int) -> int:
     """Autotune key for the sequence length: the next power of two (at least 16)."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def pre_block_m(head_dim: int) -> int:

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import alloc
-from .configs import PRUNE, Problem, autotune_configs, device_sm, grid_bucket, launch, seqlen_bucket
+from .configs import PRUNE, Problem, autotune_configs, cdiv, device_sm, grid_bucket, launch, seqlen_bucket
 from .runtime import device_guard
 
 LOG2E = 1.4426950408889634
@@ -232,7 +232,7 @@ def diff_attn_fwd(q, k, v, lam_bhn, norm_weight, *, causal, scale, norm_eps, out
             o_pre = alloc.empty(B, H, N, 2 * d, dtype=q.dtype, device=q.device)
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
+        return (cdiv(N, meta["BLOCK_M"]) * B * H,)
 
     args = (
         q, k, v, lam_bhn, norm_weight, out, lse, o2, o_pre,
