@@ -209,7 +209,7 @@ def run_row(name, task, batch, base, plain, config, device, dtype):
         row["skipped"] = "out of memory"
         torch.cuda.empty_cache()
     except Exception as e:
-        row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        row["skipped"] = common.reason(e)
     finally:
         model.eval()
         model.zero_grad(set_to_none=True)

@@ -58,6 +58,11 @@ def flops(mode, B, H, N, d, causal) -> float:
     return {"fwd": f, "bwd": b, "fwd+bwd": f + b}[mode]
 
 
+def reason(e: BaseException) -> str:
+    """One line for a row that failed: the exception type and the first line of its message (200 characters)."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 def git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,

@@ -85,11 +85,7 @@ def graph_timing(fn, q, k, v, lam, causal, mode):
             grads = [q, k, v]
         return common.bench(step, grad_to_none=grads), None
     except Exception as e:  # capture is an extra: its failure is recorded, the row keeps its other numbers
-        return None, _reason(e)
-
-
-def _reason(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return None, common.reason(e)
 
 
 def _set_timing(row, prefix, t):
@@ -165,5 +161,5 @@ def run_case(provider, label, B, H, N, d, causal, dtype_name, mode, device):
         row["skipped"] = "out of memory"
         torch.cuda.empty_cache()
     except Exception as e:  # a provider that breaks must not end the whole benchmark: record why
-        row["skipped"] = _reason(e)
+        row["skipped"] = common.reason(e)
     return row

@@ -138,7 +138,7 @@ def main(argv=None) -> int:
                 r = profile_backend(name, base, plain, config, batch, device, dtype, 1 if args.smoke else args.steps,
                                     warmup=1 if args.smoke else 3)
             except Exception as e:  # one failing backend must not lose the others
-                r = {"backend": name, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+                r = {"backend": name, "skipped": common.reason(e)}
             rows.append(r)
             if "skipped" in r:
                 print(f"== {name}: skipped: {r['skipped']}", flush=True)

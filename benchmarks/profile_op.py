@@ -113,7 +113,7 @@ def main(argv=None) -> int:
                 try:
                     results.append(profile_case(prov, label, shape, dtype, device, steps=args.steps))
                 except Exception as e:  # one failing case must not lose the others
-                    print(f"== {prov} {label}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                    print(f"== {prov} {label}: {common.reason(e)}")
                     results.append({"provider": prov, "shape": label, "skipped": f"{type(e).__name__}: {e}"[:300]})
                 if args.json:  # after every case: a run cut short keeps the cases it finished
                     common.write_json(args.json, env, results, {"benchmark": "profile_op"})

@@ -105,7 +105,7 @@ def run_sweep(shapes, dtype_name, device, budget_s=None, out=None, on_row=None):
                 row["skipped"] = "out of memory"
                 torch.cuda.empty_cache()
             except Exception as e:  # a config that fails must not end the sweep: record why
-                row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                row["skipped"] = common.reason(e)
             if pass_no == 0:
                 rows.append(row)
             status = f"{row[field]:.3f} ms" if row.get(field) else f"skipped: {row['skipped']}"
