@@ -10,8 +10,8 @@ fp32 on that row.
 
 SPLIT rows (long sequences, kernels/configs.py) run the one-accumulator form of the same program: two passes over
 the keys, map 2 then map 1, each a plain flash-attention loop with one fp32 accumulator of width 2d; map 2's
-unnormalised accumulator waits in an fp32 scratch buffer (global memory only this program touches, so it stays in
-L2) until the shared epilogue reads it back. Same executed FLOPs and exponentials as the fused form, V streamed
+output O2 waits in an fp32 scratch buffer (global memory only this program touches, so it stays in L2) until the
+shared epilogue reads it back. Same executed FLOPs and exponentials as the fused form, V streamed
 twice instead of once, and half the accumulator registers, which buys wider blocks (128×128 at d = 64, 128-row
 blocks at d = 128). Every step is the same arithmetic in the same order as the fused form, so both forms give the
 same values for the same block shape (bit for bit under the interpreter).
@@ -184,8 +184,8 @@ def _diff_attn_fwd_kernel(
     sav_tile = rows[:, None] * (2 * HEAD_DIM) + offs_dv[None, :]
 
     if SPLIT:
-        # One fp32 accumulator live at a time: map 2 first (its unnormalised accumulator parked in the fp32 scratch
-        # O2F, global memory this program alone touches, L2-resident), then map 1, then the same epilogue.
+        # One fp32 accumulator live at a time: map 2 first (its output O2, fp32, parked in the scratch O2F: global
+        # memory this program alone touches, L2-resident), then map 1, then the same epilogue.
         q2 = tl.load(q1_base + stride_qh + q_tile, mask=row_ok[:, None], other=0.0)
         m2, l2, acc2 = _fresh_state(BLOCK_M, 2 * HEAD_DIM)
         acc2, _a, m2, _m, l2, _l = _fwd_keys(  # the second slot is a placeholder (BOTH=False)

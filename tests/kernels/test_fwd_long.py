@@ -19,7 +19,9 @@ triton = pytest.importorskip("triton")
 
 LONG_ROWS = [r for r in configs.ROWS["fwd"] if r.min_seqlen >= configs.LONG]
 NS = [1, 77, 197, 300]
-DTYPES = [torch.float32, torch.float16]
+# fp32 on CPU only: these are 16-bit rows (on a GPU, fp32 inputs get their own 16x16 rows; forcing a 128-row
+# block onto ieee fp32 dots would not fit the shared memory)
+DTYPES = [torch.float32, torch.float16] if DEVICE == "cpu" else [torch.float16]
 
 
 def _rid(row):
@@ -84,7 +86,7 @@ def test_long_row_matches_float64_reference(row, N, d, causal, norm, dtype, pois
     assert_close(out, ref, dtype, FWD, f"out {what}")
     assert torch.equal(inference, out), "the inference forward (nothing saved) must give the same bits"
     assert_close(o2, o2_ref, dtype, FWD, f"o2 {what}")
-    torch.testing.assert_close(lse.double(), lse_ref, atol=1e-5 if dtype == torch.float32 else 2e-3, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), lse_ref, atol=1e-5, rtol=1e-5)  # fp32 state, as test_diff_attn_fwd
     if norm:
         assert_close(o_pre, pre, dtype, FWD, f"o_pre {what}")
     else:
