@@ -43,6 +43,8 @@ class CompileResult:
     spill_stores: int
     spill_loads: int
     mma: str  # tensor-core instruction in the PTX: "wgmma" (Hopper warpgroup MMA), "mma.sync" (Ampere) or "none"
+    # instruction shapes and how many sites of each in the PTX, e.g. "m64n64k16x16 m64n32k16x8" (see mma_shapes)
+    mma_shapes: str = ""
 
     @property
     def smem_ok(self) -> bool:
@@ -104,15 +106,16 @@ def compile_fwd(arch, dtype, head_dim, causal, cfg, *, has_norm=True, save_for_b
         "Q": p, "K": p, "V": p, "LAM": "*fp32", "NORM_W": "*fp32" if has_norm else "constexpr", "OUT": p,
         "LSE": "*fp32" if save_for_bwd else "constexpr", "O2": p if save_for_bwd else "constexpr",
         "OPRE": p if (save_for_bwd and has_norm) else "constexpr",
+        "O2F": "*fp32" if cfg.kwargs.get("SPLIT") else "constexpr",  # the SPLIT form's scratch
     }
     ints = [a for a in fn.arg_names if a.startswith("stride_")] + ["H", "N", "N_BUCKET", "GRID_BUCKET"]
     sig.update({a: "i32" for a in ints})
     sig.update({"qk_scale": "fp32", "norm_eps": "fp32", "out_scale": "fp32"})
     const = {
         "HEAD_DIM": head_dim, "CAUSAL": causal, "HAS_NORM": has_norm, "SAVE_FOR_BWD": save_for_bwd,
-        "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "ARCH": arch, **cfg.kwargs,
+        "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "ARCH": arch, "SPLIT": False, **cfg.kwargs,
     }
-    for name in ("NORM_W", "LSE", "O2", "OPRE"):
+    for name in ("NORM_W", "LSE", "O2", "OPRE", "O2F"):
         if sig[name] == "constexpr":
             const[name] = None
     # Strides along the feature dim are 1 in every real call; Triton specialises them, so do the same here.
@@ -188,19 +191,37 @@ def mma_kind(ptx: str) -> str:
     return "none"
 
 
+_MMA_SHAPE = re.compile(r"\b(?:wgmma\.mma_async|mma)\.sync\.aligned\.(m\d+n\d+k\d+)\b")
+
+
+def mma_shapes(ptx: str) -> str:
+    """The tensor-core instruction shapes in a kernel's PTX with their site counts, most frequent first:
+    "m64n64k16x16 m64n32k16x8" (wgmma: M is always 64 per warpgroup, N is the tile's width, up to 256; mma.sync:
+    m16n8k16 and the like). Sites in the PTX, not executions: an unrolled loop body counts each copy. "" if none."""
+    counts = {}
+    for shape in _MMA_SHAPE.findall(ptx):
+        counts[shape] = counts.get(shape, 0) + 1
+    return " ".join(f"{s}x{n}" for s, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def _result(kernel, compiled, arch, dtype, head_dim, causal, cfg):
-    regs, stores, loads = ptxas_report(compiled.asm["ptx"], arch)
+    ptx = compiled.asm["ptx"]
+    regs, stores, loads = ptxas_report(ptx, arch)
     return CompileResult(
         kernel, arch, dtype, head_dim, causal,
         configs.describe(cfg),
-        compiled.metadata.shared, regs, stores, loads, mma_kind(compiled.asm["ptx"]),
+        compiled.metadata.shared, regs, stores, loads, mma_kind(ptx), mma_shapes(ptx),
     )
 
 
-def default_configs(kernel, arch, dtype, head_dim, causal, seqlen=4096):
-    """The configs autotuning may pick on `arch` for one problem class (the lists of kernels/configs.py, pruned)."""
-    p = configs.Problem(head_dim, 4 if dtype == "fp32" else 2, causal, seqlen, arch)
-    return [r.config() for r in configs.fitting_rows(kernel, p)]
+def default_configs(kernel, arch, dtype, head_dim, causal, seqlens=(197, 4096)):
+    """The configs autotuning may pick on `arch` for one problem class (the lists of kernels/configs.py, pruned) at
+    any of `seqlens`: short-sequence rows and the rows for long sequences (configs.LONG) alike."""
+    rows = []
+    for n in seqlens:
+        p = configs.Problem(head_dim, 4 if dtype == "fp32" else 2, causal, n, arch)
+        rows += [r for r in configs.fitting_rows(kernel, p) if r not in rows]
+    return [r.config() for r in rows]
 
 
 def check_fwd(arch, dtype, head_dim, causal):
@@ -281,11 +302,12 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
         return
-    print(f"{'kernel':9} {'sm':>3} {'dtype':5} {'d':>4} {'causal':6} {'config':34} {'smem':>7} {'regs':>4} "
-          f"{'spills':7} mma")
+    print(f"{'kernel':9} {'sm':>3} {'dtype':5} {'d':>4} {'causal':6} {'config':42} {'smem':>7} {'regs':>4} "
+          f"{'spills':7} {'mma':8} shapes")
     for r in results:
         print(f"{r.kernel:9} {r.arch:>3} {r.dtype:5} {r.head_dim:>4} {str(r.causal):6} "
-              f"{r.config:34} {r.shared:>7} {r.registers:>4} {f'{r.spill_stores}/{r.spill_loads}':7} {r.mma}")
+              f"{r.config:42} {r.shared:>7} {r.registers:>4} {f'{r.spill_stores}/{r.spill_loads}':7} {r.mma:8} "
+              f"{r.mma_shapes}")
 
 
 if __name__ == "__main__":

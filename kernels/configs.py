@@ -47,7 +47,12 @@ class Row:
     min_sm: int = 80  # lowest compute capability (x10) it compiles cleanly for
     max_sm: int = 1000  # highest (rows that spill on Hopper but not on Ampere)
     fp32: bool = False  # fp32 inputs (ieee dots, twice the operand registers) get their own small rows only
-    split: bool | None = None  # dK/dV rows only: dK and dV in two passes (the kernel's SPLIT flag)
+    # The kernel's SPLIT flag, None where the kernel has none. dK/dV: dK and dV in two passes. Forward: the
+    # one-accumulator form (map 2 then map 1, one fp32 accumulator live at a time; kernels/fwd.py).
+    split: bool | None = None
+    min_seqlen: int = 0  # sequence lengths the row is a candidate for (rows for long sequences only, and rows
+    max_seqlen: int = 1 << 62  # retired there, keeping each problem at <= 5 candidates)
+    causal: bool | None = None  # None: both; False: non-causal problems only (a row that spills when causal)
 
     @property
     def key(self) -> tuple:
@@ -69,23 +74,39 @@ def config_key(cfg: triton.Config) -> tuple:
     return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages, cfg.kwargs.get("SPLIT"))
 
 
-# One forward program holds two fp32 accumulators of BLOCK_M x 2d, i.e. the registers of a plain flash-attention
-# program with a 4d-wide output; d=128 therefore only gets 32/64-row blocks. Every row compiles for sm_80 and
-# sm_90 without spills (checked by tests/kernels/test_compile.py; `python -m kernels.compile_check` prints them).
-# The fixed config of deterministic mode and DIFF_ATTN_AUTOTUNE=0 is the measured winner where one exists
+# One forward program holds two fp32 accumulators of BLOCK_M x 2d (one per map), i.e. the registers of a plain
+# flash-attention program with a 4d-wide output; d=128 therefore only gets 32/64-row blocks. Every row compiles for
+# sm_80 and sm_90 without spills (checked by tests/kernels/test_compile.py; `python -m kernels.compile_check` prints
+# them). The fixed config of deterministic mode and DIFF_ATTN_AUTOTUNE=0 is the measured winner where one exists
 # (MEASURED_WINNERS below), else the first fitting row of the list.
+# Long sequences (N >= LONG, issue 17): 128-row blocks with 64/128-key blocks, through the wider fused row or the
+# one-accumulator SPLIT form (kernels/fwd.py), which halves the accumulator registers. Rows whose small blocks
+# re-read K/V per 32 rows or take narrow key blocks are retired there, so that no problem times more than 5 rows
+# (benchmarks/roofline_fwd.py has the reasoning; benchmarks/NOTES.md 2026-12-02 the predictions). Hopper-only:
+# every long row is wgmma and ptxas-clean on sm_90 with Triton 3.6 and 3.8.
+LONG = 1024
+_SHORT = LONG - 1
 ROWS = {
     "fwd": [
         Row(128, 32, 8, 2, _D64, min_sm=90),  # spills 24 B on sm_80 with Triton 3.6's ptxas: Hopper and newer only
-        Row(64, 64, 8, 2, _D64 + _SMALL),
+        Row(64, 64, 8, 2, _D64 + _SMALL, max_seqlen=_SHORT),
         Row(64, 64, 8, 3, _D64 + _SMALL),
-        Row(64, 32, 8, 3, _D64),
-        Row(32, 64, 4, 2, _D64 + _SMALL),
+        Row(64, 32, 8, 3, _D64, max_seqlen=_SHORT),
+        Row(32, 64, 4, 2, _D64 + _SMALL, max_seqlen=_SHORT),
         Row(64, 32, 4, 2, _SMALL),
+        # d=64, long: 128x64 fused spills 32 B causal with Triton 3.8 (255 registers), so non-causal only; SPLIT
+        # 128x64 is clean both ways (231-254), SPLIT 128x128 (m64n128 throughout) spills 64-100 B causal.
+        Row(128, 64, 8, 2, _D64, min_sm=90, min_seqlen=LONG, causal=False),
+        Row(128, 64, 8, 2, _D64, min_sm=90, min_seqlen=LONG, split=True),
+        Row(128, 128, 8, 2, _D64, min_sm=90, min_seqlen=LONG, split=True, causal=False),
         Row(64, 16, 8, 2, _D128, min_sm=90),  # d=128 with wgmma (BLOCK_M >= 64); 64x32 spills 16-20 B causal
         Row(32, 64, 8, 2, _D128),
         Row(32, 32, 8, 3, _D128),
-        Row(32, 32, 8, 2, _D128),
+        Row(32, 32, 8, 2, _D128, max_seqlen=_SHORT),
+        # d=128, long: SPLIT 64x64 (the fused form only fits 64x16); s2 spills 20-28 B causal, s1 is clean both ways.
+        # 128-row SPLIT blocks spill 470-1500 B at d=128 (the 128x256 accumulator plus the hoisted V tile offsets).
+        Row(64, 64, 8, 2, _D128, min_sm=90, min_seqlen=LONG, split=True, causal=False),
+        Row(64, 64, 8, 1, _D128, min_sm=90, min_seqlen=LONG, split=True),
         Row(16, 16, 4, 1, _ALL_D, fp32=True),
     ],
     # Backward: the dK/dV program keeps dK1, dK2 (BLOCK_N x d) and dV (BLOCK_N x 2d) in fp32 while it streams
@@ -185,6 +206,8 @@ def row_fits(kernel: str, row: Row, p: Problem) -> bool:
     # backward's loops need no alignment.
     if kernel == "fwd" and p.causal and row.block_m % row.block_n != 0:
         return False
+    if not row.min_seqlen <= p.seqlen <= row.max_seqlen or row.causal not in (None, p.causal):
+        return False
     return not (row.block_m > 64 and p.seqlen <= 64)  # short sequences: a 128-row block would be mostly masked
 
 
@@ -251,6 +274,24 @@ def _fixed_row(kernel: str, p: Problem) -> triton.Config:
         raise RuntimeError(f"no {kernel} config fits {p}")
     winner = MEASURED_WINNERS.get((kernel, p.sm, p.head_dim, p.dtype_bytes))
     return next((r for r in rows if r.key == winner), rows[0]).config()
+
+
+def fwd_may_split(p: Problem) -> bool:
+    """Whether a forward launch for `p` may run a SPLIT row, which needs its fp32 scratch buffer: the forced config
+    says so; otherwise a fitting SPLIT row does (autotuning) or the fixed row is one (fixed mode). The interpreter's
+    own config is not SPLIT."""
+    if "fwd" in _forced:
+        return bool(_forced["fwd"].kwargs.get("SPLIT"))
+    if interpreter_enabled():
+        return False
+    if deterministic_enabled() or not autotune_enabled():
+        return bool(_fixed_row("fwd", p).kwargs.get("SPLIT"))
+    return _has_split_row(p)
+
+
+@functools.lru_cache(maxsize=4096)
+def _has_split_row(p: Problem) -> bool:
+    return any(r.split for r in fitting_rows("fwd", p))
 
 
 # kernel -> the Config of its latest launch (benchmarks record what autotuning chose, via `describe`)

@@ -7,6 +7,14 @@ query tiles once, then streams the K1, K2 and V tiles of every key block once, k
 (running max m and sum l, in the log2 domain) and two fp32 accumulators of width 2d. The difference
 ``acc1/l1 − λ·acc2/l2`` is taken in fp32 before the single down-cast; the optional RMS-norm epilogue also runs in
 fp32 on that row.
+
+SPLIT rows (long sequences, kernels/configs.py) run the one-accumulator form of the same program: two passes over
+the keys, map 2 then map 1, each a plain flash-attention loop with one fp32 accumulator of width 2d; map 2's
+output O2 waits in an fp32 scratch buffer (global memory only this program touches, so it stays in L2) until the
+shared epilogue reads it back. Same executed FLOPs and exponentials as the fused form, V streamed
+twice instead of once, and half the accumulator registers, which buys wider blocks (128×128 at d = 64, 128-row
+blocks at d = 128). Every step is the same arithmetic in the same order as the fused form, so both forms give the
+same values for the same block shape (bit for bit under the interpreter).
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ import triton
 import triton.language as tl
 
 from . import alloc
-from .configs import PRUNE, Problem, autotune_configs, cdiv, device_sm, grid_bucket, launch, seqlen_bucket
+from .configs import (PRUNE, Problem, autotune_configs, cdiv, device_sm, fwd_may_split, grid_bucket, launch,
+                      seqlen_bucket)
 from .runtime import device_guard
 
 LOG2E = 1.4426950408889634
@@ -54,6 +63,13 @@ def _online_softmax_step(acc, m, l, q, k, v, visible, qk_scale, MASKED: tl.const
 
 
 @triton.jit
+def _fresh_state(BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """One map's online-softmax state before any key: running max -inf, sum 0, accumulator 0."""
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    return m, tl.zeros([BLOCK_M], dtype=tl.float32), tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32)
+
+
+@triton.jit
 def _fwd_inner(
     acc1, acc2, m1, m2, l1, l2,
     q1, q2,
@@ -61,8 +77,11 @@ def _fwd_inner(
     stride_kn, stride_vn,
     offs_m, lo, hi, N, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BOTH: tl.constexpr,
 ):
     """Fold key blocks [lo, hi) into both online-softmax states; K1, K2 and V tiles are each loaded once.
+    BOTH=False (the SPLIT form's passes) folds map 1's state only (acc1, m1, l1 with q1 and K1); the second
+    state's arguments are then placeholders, returned unchanged.
 
     MASKED=False is the hot path: every key in the range exists and is visible to every row of the block, so no
     mask is built. MASKED=True handles the sequence tail and the causal diagonal.
@@ -78,24 +97,53 @@ def _fwd_inner(
             offs_n = start_n + tl.arange(0, BLOCK_N)
             in_seq = offs_n < N
             k1 = tl.load(k1_ptrs, mask=in_seq[:, None], other=0.0)
-            k2 = tl.load(k2_ptrs, mask=in_seq[:, None], other=0.0)
+            if BOTH:
+                k2 = tl.load(k2_ptrs, mask=in_seq[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=in_seq[:, None], other=0.0)
             visible = in_seq[None, :]
             if CAUSAL:
                 visible = visible & (offs_m[:, None] >= offs_n[None, :])
         else:
             k1 = tl.load(k1_ptrs)
-            k2 = tl.load(k2_ptrs)
+            if BOTH:
+                k2 = tl.load(k2_ptrs)
             v = tl.load(v_ptrs)
             visible = 0  # unused when not MASKED
         acc1, m1, l1 = _online_softmax_step(acc1, m1, l1, q1, k1, v, visible, qk_scale, MASKED, DOT_PRECISION)
-        acc2, m2, l2 = _online_softmax_step(acc2, m2, l2, q2, k2, v, visible, qk_scale, MASKED, DOT_PRECISION)
+        if BOTH:
+            acc2, m2, l2 = _online_softmax_step(acc2, m2, l2, q2, k2, v, visible, qk_scale, MASKED, DOT_PRECISION)
     return acc1, acc2, m1, m2, l1, l2
 
 
 @triton.jit
+def _fwd_keys(
+    acc1, acc2, m1, m2, l1, l2, q1, q2, k1_base, k2_base, v_base, k_tile, v_tile, stride_kn, stride_vn,
+    offs_m, row0, N, qk_scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BOTH: tl.constexpr,
+):
+    """Every key block a row block sees: key blocks below `lo` need no mask; [lo, hi) holds the sequence tail (and,
+    when causal, the diagonal). Causal programs never visit key blocks above their last row: those are skipped, not
+    masked."""
+    if CAUSAL:
+        lo = row0
+        hi = tl.minimum(row0 + BLOCK_M, N)
+    else:
+        lo = (N // BLOCK_N) * BLOCK_N
+        hi = N
+    acc1, acc2, m1, m2, l1, l2 = _fwd_inner(
+        acc1, acc2, m1, m2, l1, l2, q1, q2, k1_base, k2_base, v_base, k_tile, v_tile,
+        stride_kn, stride_vn, offs_m, 0, lo, N, qk_scale, False, CAUSAL, BLOCK_N, DOT_PRECISION, BOTH,
+    )
+    return _fwd_inner(
+        acc1, acc2, m1, m2, l1, l2, q1, q2, k1_base, k2_base, v_base, k_tile, v_tile,
+        stride_kn, stride_vn, offs_m, lo, hi, N, qk_scale, True, CAUSAL, BLOCK_N, DOT_PRECISION, BOTH,
+    )
+
+
+@triton.jit
 def _diff_attn_fwd_kernel(
-    Q, K, V, LAM, NORM_W, OUT, LSE, O2, OPRE,
+    Q, K, V, LAM, NORM_W, OUT, LSE, O2, OPRE, O2F,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -105,6 +153,7 @@ def _diff_attn_fwd_kernel(
     H, N, N_BUCKET, GRID_BUCKET, qk_scale, norm_eps, out_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_NORM: tl.constexpr, SAVE_FOR_BWD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr = False,
 ):
     # The causal split below walks [0, row0) in whole key blocks: row0 must be a multiple of BLOCK_N.
     tl.static_assert(not CAUSAL or BLOCK_M % BLOCK_N == 0, "causal forward needs BLOCK_M % BLOCK_N == 0")
@@ -129,48 +178,59 @@ def _diff_attn_fwd_kernel(
     q_tile = rows[:, None] * stride_qn + offs_d[None, :] * stride_qd
     k_tile = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_tile = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    q1 = tl.load(q1_base + q_tile, mask=row_ok[:, None], other=0.0)
-    q2 = tl.load(q1_base + stride_qh + q_tile, mask=row_ok[:, None], other=0.0)
+    k2_base = k1_base + stride_kh
+    # The saved (B, H, N, 2d) buffers (and the SPLIT form's fp32 scratch) are contiguous.
+    sav_base = ((b * H + h) * N + row0_64) * (2 * HEAD_DIM)
+    sav_tile = rows[:, None] * (2 * HEAD_DIM) + offs_dv[None, :]
 
-    m1 = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    m2 = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    l2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, 2 * HEAD_DIM], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, 2 * HEAD_DIM], dtype=tl.float32)
-
-    # Key blocks below `lo` need no mask; [lo, hi) holds the sequence tail (and, when causal, the diagonal).
-    # Causal programs never visit key blocks above their last row: those are skipped, not masked.
-    if CAUSAL:
-        lo = row0
-        hi = tl.minimum(row0 + BLOCK_M, N)
+    if SPLIT:
+        # One fp32 accumulator live at a time: map 2 first (its output O2, fp32, parked in the scratch O2F: global
+        # memory this program alone touches, L2-resident), then map 1, then the same epilogue.
+        q2 = tl.load(q1_base + stride_qh + q_tile, mask=row_ok[:, None], other=0.0)
+        m2, l2, acc2 = _fresh_state(BLOCK_M, 2 * HEAD_DIM)
+        acc2, _a, m2, _m, l2, _l = _fwd_keys(  # the second slot is a placeholder (BOTH=False)
+            acc2, acc2, m2, m2, l2, l2, q2, q2, k2_base, k2_base, v_base, k_tile, v_tile, stride_kn, stride_vn,
+            offs_m, row0, N, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, DOT_PRECISION, False,
+        )
+        acc2 = acc2 * (1.0 / tl.where(l2 > 0, l2, 1.0))[:, None]  # = O2, as in the fused epilogue below
+        if SAVE_FOR_BWD:
+            tl.store(O2 + sav_base + sav_tile, acc2.to(O2.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(O2F + sav_base + sav_tile, acc2, mask=row_ok[:, None])
+        tl.debug_barrier()  # other threads of this program read these values back in the epilogue
+        q1 = tl.load(q1_base + q_tile, mask=row_ok[:, None], other=0.0)
+        m1, l1, acc1 = _fresh_state(BLOCK_M, 2 * HEAD_DIM)
+        acc1, _a, m1, _m, l1, _l = _fwd_keys(
+            acc1, acc1, m1, m1, l1, l1, q1, q1, k1_base, k1_base, v_base, k_tile, v_tile, stride_kn, stride_vn,
+            offs_m, row0, N, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, DOT_PRECISION, False,
+        )
     else:
-        lo = (N // BLOCK_N) * BLOCK_N
-        hi = N
-    acc1, acc2, m1, m2, l1, l2 = _fwd_inner(
-        acc1, acc2, m1, m2, l1, l2, q1, q2, k1_base, k1_base + stride_kh, v_base, k_tile, v_tile,
-        stride_kn, stride_vn, offs_m, 0, lo, N, qk_scale, False, CAUSAL, BLOCK_N, DOT_PRECISION,
-    )
-    acc1, acc2, m1, m2, l1, l2 = _fwd_inner(
-        acc1, acc2, m1, m2, l1, l2, q1, q2, k1_base, k1_base + stride_kh, v_base, k_tile, v_tile,
-        stride_kn, stride_vn, offs_m, lo, hi, N, qk_scale, True, CAUSAL, BLOCK_N, DOT_PRECISION,
-    )
+        q1 = tl.load(q1_base + q_tile, mask=row_ok[:, None], other=0.0)
+        q2 = tl.load(q1_base + stride_qh + q_tile, mask=row_ok[:, None], other=0.0)
+        m1, l1, acc1 = _fresh_state(BLOCK_M, 2 * HEAD_DIM)
+        m2, l2, acc2 = _fresh_state(BLOCK_M, 2 * HEAD_DIM)
+        acc1, acc2, m1, m2, l1, l2 = _fwd_keys(
+            acc1, acc2, m1, m2, l1, l2, q1, q2, k1_base, k2_base, v_base, k_tile, v_tile, stride_kn, stride_vn,
+            offs_m, row0, N, qk_scale, CAUSAL, BLOCK_M, BLOCK_N, DOT_PRECISION, True,
+        )
 
     # Epilogue. Ordered so that few (BLOCK_M, 2d) fp32 tiles are live at once: O2 is finished (and saved) first,
     # then folded into the difference in place.
     # A row whose keys are all masked has l == 0: it outputs 0 instead of 0/0.
     has1 = l1 > 0
     has2 = l2 > 0
-    # The saved (B, H, N, 2d) buffers are contiguous.
-    sav_base = ((b * H + h) * N + row0_64) * (2 * HEAD_DIM)
-    sav_tile = rows[:, None] * (2 * HEAD_DIM) + offs_dv[None, :]
-    acc2 = acc2 * (1.0 / tl.where(has2, l2, 1.0))[:, None]  # = O2
-    if SAVE_FOR_BWD:
-        tl.store(O2 + sav_base + sav_tile, acc2.to(O2.dtype.element_ty), mask=row_ok[:, None])
+    if not SPLIT:
+        acc2 = acc2 * (1.0 / tl.where(has2, l2, 1.0))[:, None]  # = O2
+        if SAVE_FOR_BWD:
+            tl.store(O2 + sav_base + sav_tile, acc2.to(O2.dtype.element_ty), mask=row_ok[:, None])
     lam = tl.load(LAM + b * stride_lb + h * stride_lh + row0_64 * stride_ln + rows * stride_ln, mask=row_ok,
                   other=0.0).to(tl.float32)
-    # o = O1 − λ·O2 in fp32, before any down-cast
-    acc1 = acc1 * (1.0 / tl.where(has1, l1, 1.0))[:, None] - lam[:, None] * acc2
+    # o = O1 − λ·O2 in fp32, before any down-cast (SPLIT: O2 read back from the scratch only here, so that it and
+    # acc1 are live together as briefly as possible)
+    acc1 = acc1 * (1.0 / tl.where(has1, l1, 1.0))[:, None]
+    if SPLIT:
+        acc1 -= lam[:, None] * tl.load(O2F + sav_base + sav_tile, mask=row_ok[:, None], other=0.0)
+    else:
+        acc1 -= lam[:, None] * acc2
 
     out_ptrs = (OUT + b * stride_ob + h * stride_oh + row0_64 * stride_on
                 + (rows[:, None] * stride_on + offs_dv[None, :] * stride_od))
@@ -231,16 +291,19 @@ def diff_attn_fwd(q, k, v, lam_bhn, norm_weight, *, causal, scale, norm_eps, out
         if norm_weight is not None:
             o_pre = alloc.empty(B, H, N, 2 * d, dtype=q.dtype, device=q.device)
 
+    problem = Problem(d, q.element_size(), causal, N, device_sm(q.device))
+    # The SPLIT form's fp32 scratch (map 2's accumulator), allocated only when a SPLIT row may run for this problem.
+    o2f = alloc.empty(B, H, N, 2 * d, dtype=torch.float32, device=q.device) if fwd_may_split(problem) else None
+
     def grid(meta):
         return (cdiv(N, meta["BLOCK_M"]) * B * H,)
 
     args = (
-        q, k, v, lam_bhn, norm_weight, out, lse, o2, o_pre,
+        q, k, v, lam_bhn, norm_weight, out, lse, o2, o_pre, o2f,
         *q.stride(), *k.stride(), *v.stride(), *lam_bhn.stride(), *out.stride(),
         norm_weight.stride(0) if norm_weight is not None else 0,
         H, N, seqlen_bucket(N), grid_bucket(B, H, N), scale * LOG2E, norm_eps, out_scale,
     )
-    problem = Problem(d, q.element_size(), causal, N, device_sm(q.device))
     kwargs = dict(HEAD_DIM=d, CAUSAL=causal, HAS_NORM=norm_weight is not None, SAVE_FOR_BWD=save_for_bwd,
                   DOT_PRECISION=dot_precision(q.dtype), ARCH=problem.sm)
     with device_guard(q.device):

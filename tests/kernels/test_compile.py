@@ -45,6 +45,10 @@ def _check(results, kernel, arch, dtype, d, causal=None):
         assert r["shared"] <= SMEM_LIMIT[arch], f"{where}: {r['shared']} B shared memory > {SMEM_LIMIT[arch]}"
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (
             f"{where}: {r['spill_stores']}/{r['spill_loads']} B spill stores/loads ({r['registers']} registers)")
+        # the report names the instruction shapes of every tensor-core row (wgmma: m64nNk16; mma.sync: m16n8k*)
+        assert (r["mma"] == "none") == (r["mma_shapes"] == ""), f"{where}: {r['mma']} / {r['mma_shapes']!r}"
+        if r["mma"] == "wgmma":
+            assert "m64n" in r["mma_shapes"], f"{where}: {r['mma_shapes']!r}"
 
 
 _grid = pytest.mark.parametrize("arch,dtype,d", [
@@ -95,3 +99,14 @@ def test_compile_hopper_wgmma_row(compile_results, kernel, d, causal, dtype):
                  f"{[(r['config'], r['mma']) for r in rows]}"
     if kernel.startswith("fwd") and d == 128:
         assert any(int(c.split("BLOCK_M=")[1].split()[0]) >= 64 for c in good), good
+
+
+def test_compile_report_counts_mma_instruction_shapes():
+    """The shape column: every wgmma / mma.sync site of the PTX, by shape, most frequent first."""
+    from kernels.compile_check import mma_shapes
+
+    ptx = "\n".join(["wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...};"] * 3
+                     + ["wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...};"] * 5
+                     + ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {...};", "wgmma.fence.sync.aligned;"])
+    assert mma_shapes(ptx) == "m64n128k16x5 m64n64k16x3 m16n8k16x1"
+    assert mma_shapes("fma.rn.f32 %f1, %f2, %f3, %f4;") == ""
