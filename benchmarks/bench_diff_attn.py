@@ -117,8 +117,10 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny shapes, fp32, runs on CPU (Triton interpreter)")
     p.add_argument("--budget-s", type=float, help="stop starting rows after this many seconds; the rows not run "
                    "are recorded as skipped (a bounded run on lent device time)")
-    p.add_argument("--sweep", choices=["full", "reduced"], help="also time every default config of each kernel at "
-                   "a few shapes (benchmarks/sweep.py; reduced: N=4096 at d=64 and 128, then vision), first --dtypes entry")
+    p.add_argument("--sweep", choices=["full", "reduced", "long"], help="also time every default config of each "
+                   "kernel at a few shapes (benchmarks/sweep.py; reduced: N=4096 at d=64 and 128, then vision; long: "
+                   "N=4096 causal or not, N=1024/8192, the DiffCLIP shapes), first --dtypes entry")
+    p.add_argument("--sweep-only", action="store_true", help="skip the provider table: the config sweep alone")
     p.add_argument("--sweep-budget-s", type=float, help="stop starting sweep rows after this many seconds (each "
                    "new config compiles first); the rows not run are recorded as skipped")
     p.add_argument("--json", help="write results here (rewritten after every row)")
@@ -134,8 +136,10 @@ def main(argv=None):
     from .verdicts import add_speedups, evaluate_targets
 
     device = torch.device("cpu" if on_cpu else "cuda")
+    if args.sweep_only and not args.sweep:
+        p.error("--sweep-only needs --sweep")
     try:
-        cases = plan(args, tuple(PROVIDERS))
+        cases = [] if args.sweep_only else plan(args, tuple(PROVIDERS))
     except ValueError as e:
         p.error(str(e))
     env = common.environment()
@@ -183,7 +187,7 @@ def main(argv=None):
     if args.sweep:
         from . import sweep
 
-        sweep_shapes = sweep.SMOKE if args.smoke else (sweep.FULL if args.sweep == "full" else sweep.REDUCED)
+        sweep_shapes = sweep.SMOKE if args.smoke else sweep.SETS[args.sweep]
         dtype0 = "fp32" if args.smoke else args.dtypes.split(",")[0]
         try:
             sweep.run_sweep(sweep_shapes, dtype0, device, budget_s=args.sweep_budget_s, out=extra["sweep"],

@@ -11,7 +11,8 @@ sweep was the partner kernel, not host time.) Kernels:
 - fwd-train: the training forward (SAVE_FOR_BWD: also writes the log-sum-exps and O2 the backward reads);
 - dkdv, dq:  the backward's two main kernels (forward done once outside the timing).
 Every row is timed twice, the second pass in reverse order, so drift (clocks, temperature) shows as disagreement
-between `ms` and `ms_repeat` instead of as a ranking. On CPU (the interpreter) the step's wall-clock time stands in:
+between `ms` and `ms_repeat` instead of as a ranking. Before its first timing each row's output (and gradients, for
+backward rows) is checked against the fp32 reference, as the provider table does: a wrong config gets no time. On CPU (the interpreter) the step's wall-clock time stands in:
 plumbing only.
 """
 
@@ -30,19 +31,33 @@ FULL = [("vision", 256, 6, 197, 64, False), ("text", 256, 4, 77, 64, True),
 # targets), then d = 128 (the SPLIT dK/dV row), then the vision shape.
 REDUCED = [("long-d64", 4, 16, 4096, 64, False), ("long-d128", 4, 16, 4096, 128, False),
            ("vision", 256, 6, 197, 64, False)]
+# benchmarks/device_sweep.sh (a device call of its own): the long-sequence forms of issues 17 and 18 at N = 4096,
+# causal and not, d = 64 and 128, then N = 1024 / 8192 and the DiffCLIP shapes.
+LONG = [("long-d64", 4, 16, 4096, 64, False), ("long-d128", 4, 16, 4096, 128, False),
+        ("long-d64-causal", 4, 16, 4096, 64, True), ("long-d128-causal", 4, 16, 4096, 128, True),
+        ("n1024-d64", 16, 16, 1024, 64, False), ("n8192-d128", 2, 16, 8192, 128, False),
+        ("vision", 256, 6, 197, 64, False), ("text", 256, 4, 77, 64, True)]
+SETS = {"full": FULL, "reduced": REDUCED, "long": LONG}
 SMOKE = [("smoke", 1, 1, 40, 16, True)]
 # sweep kernel -> (config list in kernels/configs.py, Triton function name as the profiler shows it)
 SWEPT = {"fwd": ("fwd", "_diff_attn_fwd_kernel"), "fwd-train": ("fwd", "_diff_attn_fwd_kernel"),
          "dkdv": ("dkdv", "_bwd_dkdv_kernel"), "dq": ("dq", "_bwd_dq_kernel")}
 
 
-def _time_config(kernel, cfg, fixed, shape, dtype, device):
+def _time_config(kernel, cfg, fixed, shape, dtype, device, check=False):
     from kernels import configs, diff_attn
+
+    from .op_case import check as check_output
 
     label, B, H, N, d, causal = shape
     q, k, v, lam = common.qkv_inputs(B, H, N, d, dtype, device, grad=kernel != "fwd")
     listed, name = SWEPT[kernel]
     with configs.force_configs(**dict(fixed, **{listed: cfg})):
+        if check:  # no time for a config that computes something else (outputs, and gradients for backward rows)
+            err = check_output(diff_attn, q, k, v, lam, causal, "fwd+bwd" if kernel in ("dkdv", "dq") else "fwd")
+            limit = 1e-4 if dtype == torch.float32 else 2e-2
+            if not err <= limit:
+                raise RuntimeError(f"output check failed: rel err {err:.2e} > {limit:.0e}")
         if kernel == "fwd":
             def step():
                 with torch.no_grad():
@@ -98,7 +113,7 @@ def run_sweep(shapes, dtype_name, device, budget_s=None, out=None, on_row=None):
                     if pass_no == 0:
                         row["skipped"] = f"sweep time budget ({budget_s:g} s) spent"
                     continue
-                t = _time_config(row["kernel"], cfg, fixed, shape, dtype, device)
+                t = _time_config(row["kernel"], cfg, fixed, shape, dtype, device, check=pass_no == 0)
                 row.update({field: t["ms"], f"{field}_min": t["ms_min"], f"{field}_max": t["ms_max"],
                             f"{field}_n": t["n"]})
             except torch.cuda.OutOfMemoryError:

@@ -55,3 +55,15 @@ def test_device_check_compile_dry_run(tmp_path):
     assert {r["backend"] for r in rows} == {"sdpa", "triton", "plain-clip", "sdpa+compile", "triton+compile",
                                              "plain-clip+compile"}
     assert all(r["ms"] for r in rows), [r for r in rows if not r["ms"]]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script is the real check, not a test")
+def test_device_sweep_dry_run(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "device_sweep.sh"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert data["rows"] == [] and data["sweep"], data  # the sweep alone
+    assert all(r["ms"] and r["ms_repeat"] for r in data["sweep"]), data["sweep"]
+    assert "sweep winner" in proc.stdout

@@ -288,3 +288,13 @@ def test_model_compile_rows_check_the_compiled_callable(monkeypatch):
     row = bench_model.run_row("sdpa+compile", "encode_image", 2, base, plain, config, torch.device("cpu"),
                               torch.float32)
     assert row["ms"] is None and row["skipped"].startswith("embedding check"), row
+
+
+def test_sweep_gives_no_time_to_a_config_that_fails_the_check(monkeypatch):
+    """A sweep row is checked against the reference before it is timed, like a provider row."""
+    from benchmarks import sweep
+
+    monkeypatch.setattr(op_case, "check", lambda *args, **kwargs: 1.0)  # every forced config computes garbage
+    rows = sweep.run_sweep(sweep.SMOKE, "fp32", torch.device("cpu"))
+    assert rows and all(r["ms"] is None and r["skipped"].startswith("RuntimeError: output check failed")
+                        for r in rows), rows
