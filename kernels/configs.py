@@ -69,6 +69,17 @@ def config_key(cfg: triton.Config) -> tuple:
     return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages, cfg.kwargs.get("SPLIT"))
 
 
+# Rows of the one-launch backward (kernel "fused"); see ROWS below.
+FUSED_ROWS = [
+    _dkdv(32, 64, 8, 2, _D64, min_sm=90),
+    _dkdv(32, 32, 4, 2, _D64 + _SMALL),
+    _dkdv(16, 64, 4, 2, _D64),
+    _dkdv(16, 64, 8, 2, _D128, min_sm=90, split=True),
+    _dkdv(32, 32, 8, 2, _D128),
+    _dkdv(16, 16, 8, 1, _ALL_D, min_sm=90, fp32=True),
+    _dkdv(16, 16, 4, 1, _ALL_D, max_sm=89, fp32=True),
+]
+
 # One forward program holds two fp32 accumulators of BLOCK_M x 2d, i.e. the registers of a plain flash-attention
 # program with a 4d-wide output; d=128 therefore only gets 32/64-row blocks. Every row compiles for sm_80 and
 # sm_90 without spills (checked by tests/kernels/test_compile.py; `python -m kernels.compile_check` prints them).
@@ -117,8 +128,13 @@ ROWS = {
         Row(32, 64, 8, 2, _D128),
         Row(16, 16, 4, 1, _ALL_D, fp32=True),
     ],
+    # dK/dV and dQ in one launch (kernels/bwd_fused.py; the `fused` and `atomic` backward forms, see `bwd_form`):
+    # BLOCK_N keys per program with BLOCK_M-query steps for dK/dV, then BLOCK_N query rows with BLOCK_M-key steps
+    # for dQ. A row must fit both phases and the atomic variant (dQ's share added inside the dK/dV loop).
+    "fused": FUSED_ROWS,
 }
-KERNELS = tuple(ROWS)
+KERNELS = ("fwd", "dkdv", "dq")  # one launch each in the default path (benchmarks record a config per kernel)
+ALL_KERNELS = tuple(ROWS)  # + "fused": launched only by the fused and atomic backward forms
 
 
 def _side_table():
@@ -153,6 +169,7 @@ INTERPRET = {
     "fwd": triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
     "dkdv": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT": False}, num_warps=4, num_stages=1),
     "dq": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+    "fused": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT": False}, num_warps=4, num_stages=1),
 }
 
 
@@ -215,16 +232,33 @@ def deterministic_enabled() -> bool:
     return env or torch.are_deterministic_algorithms_enabled()
 
 
+BWD_FORMS = ("separate", "fused", "atomic")
+
+
+def bwd_form() -> str:
+    """The backward form (kernels/bwd.py): DIFF_ATTN_BWD=separate (default: dK/dV and dQ kernels), fused (both in
+    one launch, deterministic) or atomic (one launch, dQ accumulated with fp32 atomic adds: less work, but dQ is not
+    bitwise reproducible). atomic is opt-in only, and runs as fused in deterministic mode
+    (`torch.use_deterministic_algorithms(True)` or DIFF_ATTN_DETERMINISTIC=1)."""
+    form = os.environ.get("DIFF_ATTN_BWD", "separate").strip().lower() or "separate"
+    if form not in BWD_FORMS:
+        raise ValueError(f"DIFF_ATTN_BWD={form!r}: expected one of {', '.join(BWD_FORMS)}")
+    if form == "atomic" and deterministic_enabled():
+        return "fused"
+    return form
+
+
 _forced: dict = {}
 
 
 @contextlib.contextmanager
 def force_configs(**by_kernel):
-    """Within this block, launch the named kernels ("fwd", "dkdv", "dq") with the given `triton.Config`, bypassing
-    autotuning and pruning (tests over every listed block shape; the benchmark's config sweep)."""
-    unknown = set(by_kernel) - set(KERNELS)
+    """Within this block, launch the named kernels ("fwd", "dkdv", "dq", "fused") with the given `triton.Config`,
+    bypassing autotuning and pruning (tests over every listed block shape; the benchmark's config sweep). Forcing
+    "fused" does not choose the fused backward form: `bwd_form` does."""
+    unknown = set(by_kernel) - set(ALL_KERNELS)
     if unknown:
-        raise ValueError(f"force_configs: unknown kernel(s) {sorted(unknown)}; expected some of {KERNELS}")
+        raise ValueError(f"force_configs: unknown kernel(s) {sorted(unknown)}; expected some of {ALL_KERNELS}")
     previous = dict(_forced)
     _forced.update(by_kernel)
     try:
@@ -269,7 +303,7 @@ def describe(cfg: triton.Config) -> str:
 # training forward (LSE/O2 buffers) and the inference forward (None there) would be tuned apart and could pick
 # different blocks, i.e. different bits for the same inputs (activation checkpointing recomputes under grad what
 # first ran without). The key leaves SAVE_FOR_BWD out, so both share one choice, whichever ran first.
-_TUNED: dict = {kernel: {} for kernel in KERNELS}
+_TUNED: dict = {kernel: {} for kernel in ALL_KERNELS}
 
 
 def tune_key(autotuned, args, kwargs) -> tuple:
@@ -313,7 +347,7 @@ def launch(kernel: str, autotuned, grid, args, kwargs, p: Problem) -> triton.Con
         autotuned.fn[grid](*args, **kwargs, **cfg.all_kwargs())
     else:
         key = tune_key(autotuned, args, kwargs)
-        tuned = _TUNED[kernel].get(key)
+        tuned = _TUNED.setdefault(kernel, {}).get(key)
         if tuned is not None:
             cfg, cfg_kwargs = tuned
             autotuned.fn[grid](*args, **kwargs, **cfg_kwargs)
@@ -341,7 +375,7 @@ def _prune(kernel: str):
     return prune
 
 
-PRUNE = {kernel: _prune(kernel) for kernel in KERNELS}
+PRUNE = {kernel: _prune(kernel) for kernel in ALL_KERNELS}
 
 
 def cdiv(a: int, b: int) -> int:
