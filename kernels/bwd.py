@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import alloc
-from .bwd_fused import _bwd_fused
+from .bwd_fused import _bwd_atomic, _bwd_fused
 from .bwd_pre import _bwd_preprocess_kernel
 from .bwd_steps import _dkdv_program, _dq_program
 from .configs import (PRUNE, Problem, autotune_configs, bwd_form, cdiv, device_sm, grid_bucket, launch,
@@ -149,7 +149,7 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
             if atomic:
                 dq_acc = dq.zero_() if q.dtype == torch.float32 else torch.zeros(q.shape, dtype=torch.float32,
                                                                                   device=q.device)
-            launch("fused", _bwd_fused, lambda meta: (cdiv(N, meta["BLOCK_N"]) * B * H,), (
+            launch(form, _bwd_atomic if atomic else _bwd_fused, lambda meta: (cdiv(N, meta["BLOCK_N"]) * B * H,), (
                 q, k, v, g, lse, delta, lam_bhn, dk, dv, dq_acc,
                 *q.stride(), *k.stride(), *v.stride(), *g.stride(), *lam_bhn.stride(), *dk.stride(), *dv.stride(),
                 *dq_acc.stride(), *scalars), dict(kwargs, DQ_ATOMIC=atomic), problem)

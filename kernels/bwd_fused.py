@@ -59,7 +59,10 @@ def _bwd_fused_kernel(
                     HEAD_DIM, CAUSAL, DOT_PRECISION, BLOCK_N, BLOCK_M)
 
 
-# DQ_ATOMIC changes the kernel (and its best block): it is part of the key. ARCH: see the forward's key (fwd.py).
-_bwd_fused = triton.autotune(configs=autotune_configs("fused"),
-                             key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "ARCH", "DQ_ATOMIC"],
+# One autotuned object per form, each with its own row list (configs.ROWS["fused"] / ["atomic"]). DQ_ATOMIC is in
+# the key all the same (a key must hold every flag that changes the kernel). ARCH: see the forward's key (fwd.py).
+_KEY = ["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "ARCH", "DQ_ATOMIC"]
+_bwd_fused = triton.autotune(configs=autotune_configs("fused"), key=_KEY,
                              prune_configs_by={"early_config_prune": PRUNE["fused"]})(_bwd_fused_kernel)
+_bwd_atomic = triton.autotune(configs=autotune_configs("atomic"), key=_KEY,
+                              prune_configs_by={"early_config_prune": PRUNE["atomic"]})(_bwd_fused_kernel)

@@ -69,16 +69,34 @@ def config_key(cfg: triton.Config) -> tuple:
     return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages, cfg.kwargs.get("SPLIT"))
 
 
-# Rows of the one-launch backward (kernel "fused"); see ROWS below.
+# Rows of the one-launch backward forms (kernels/bwd_fused.py; see `bwd_form`): BLOCK_N keys per program with
+# BLOCK_M-query steps for dK/dV, then (fused) BLOCK_N query rows with BLOCK_M-key steps for dQ. From a ptxas sweep with
+# Triton 3.6 and 3.8 (NOTES 2026-12-02): the fused causal kernel has four loop bodies (dK/dV diagonal and rest, dQ
+# rest and diagonal) and spills with every wgmma row at d=64, so its wgmma rows are non-causal only (`_FULL_ONLY`).
 FUSED_ROWS = [
-    _dkdv(32, 64, 8, 2, _D64, min_sm=90),
-    _dkdv(32, 32, 4, 2, _D64 + _SMALL),
-    _dkdv(16, 64, 4, 2, _D64),
+    _dkdv(32, 64, 8, 2, _D64, min_sm=90),  # wgmma (dK/dV n64/n128 products, QKᵀ/dP n32/n16)
+    _dkdv(16, 128, 8, 2, _D64, min_sm=90),  # wgmma, 128 keys per program
+    _dkdv(64, 32, 8, 2, _D64),  # mma.sync; clean causal too
+    _dkdv(16, 32, 4, 2, _D64 + _SMALL),  # mma.sync, 2+ programs per SM; clean everywhere
     _dkdv(16, 64, 8, 2, _D128, min_sm=90, split=True),
     _dkdv(32, 32, 8, 2, _D128),
     _dkdv(16, 16, 8, 1, _ALL_D, min_sm=90, fp32=True),
     _dkdv(16, 16, 4, 1, _ALL_D, max_sm=89, fp32=True),
 ]
+# The atomic form has no dQ phase (two loop bodies): its wide rows compile clean causal too.
+ATOMIC_ROWS = [
+    _dkdv(16, 128, 8, 2, _D64, min_sm=90),  # wgmma; half the atomic adds of 64-key blocks
+    _dkdv(16, 64, 4, 3, _D64, min_sm=90),  # wgmma, 2 programs per SM (80 KB shared)
+    _dkdv(32, 64, 8, 2, _D64, min_sm=90),  # wgmma; spills causal (4-36 B)
+    _dkdv(32, 32, 4, 2, _D64 + _SMALL),  # mma.sync: the separate form's measured dK/dV winner
+    _dkdv(16, 64, 8, 2, _D128, min_sm=90, split=True),
+    _dkdv(32, 32, 8, 2, _D128),
+    _dkdv(16, 16, 8, 1, _ALL_D, min_sm=90, fp32=True),
+    _dkdv(16, 16, 4, 1, _ALL_D, max_sm=89, fp32=True),
+]
+# (kernel, row key) that are listed for non-causal problems only (they spill causal).
+_FULL_ONLY = {("fused", (32, 64, 8, 2, False)), ("fused", (16, 128, 8, 2, False)),
+              ("atomic", (32, 64, 8, 2, False))}
 
 # One forward program holds two fp32 accumulators of BLOCK_M x 2d, i.e. the registers of a plain flash-attention
 # program with a 4d-wide output; d=128 therefore only gets 32/64-row blocks. Every row compiles for sm_80 and
@@ -104,9 +122,12 @@ ROWS = {
     # sm_80/sm_90).
     "dkdv": [
         _dkdv(32, 64, 8, 2, _D64, min_sm=90),  # 64 keys per program: wgmma on sm_90; spills 32-128 B on sm_80
-        _dkdv(64, 32, 8, 2, _D64),
         _dkdv(32, 32, 4, 2, _D64),  # spills 24 B at d=32 on sm_90 with Triton 3.6
         _dkdv(64, 16, 4, 2, _D64),
+        # Issue 18: 16-query steps, wider key blocks (dK/dV products m64n64/n128 instead of 32x64's n16/n32);
+        # 64x32x8w (measured slowest at the vision shape, 1.511 ms) made room (at most 5 candidates per class).
+        _dkdv(16, 128, 8, 2, _D64),
+        _dkdv(16, 64, 4, 3, _D64),
         _dkdv(32, 64, 4, 2, _SMALL),
         _dkdv(32, 16, 4, 2, _SMALL),
         # d=128: dK1, dK2 and dV together are 4d = 512 fp32 columns per key row; 64-key blocks (wgmma) fit only
@@ -122,19 +143,21 @@ ROWS = {
         Row(64, 64, 8, 2, _D64, min_sm=90),  # spills 8-44 B on sm_80 since the dQ loop was split (masked / unmasked)
         Row(64, 32, 4, 2, _D64 + _SMALL),
         Row(32, 64, 4, 2, _D64),  # spills 12-36 B at d=32
-        Row(64, 64, 4, 2, _SMALL),
+        Row(128, 64, 8, 2, _D64, min_sm=90),  # issue 18: 128 queries per program (m64n64 QKᵀ/dP products)
+        # d=64 since issue 18 (2 programs per SM on sm_90); spills 40-108 B at d=64 on sm_80, hence Hopper-only (small
+        # head dims on sm_80 keep 64x32x4w and 32x32x4w)
+        Row(64, 64, 4, 2, _D64 + _SMALL, min_sm=90),
         Row(32, 32, 4, 2, _SMALL),
         Row(64, 32, 8, 2, _D128),
         Row(32, 64, 8, 2, _D128),
         Row(16, 16, 4, 1, _ALL_D, fp32=True),
     ],
-    # dK/dV and dQ in one launch (kernels/bwd_fused.py; the `fused` and `atomic` backward forms, see `bwd_form`):
-    # BLOCK_N keys per program with BLOCK_M-query steps for dK/dV, then BLOCK_N query rows with BLOCK_M-key steps
-    # for dQ. A row must fit both phases and the atomic variant (dQ's share added inside the dK/dV loop).
+    # dK/dV and dQ in one launch (kernels/bwd_fused.py), deterministic and atomic forms: see FUSED_ROWS above.
     "fused": FUSED_ROWS,
+    "atomic": ATOMIC_ROWS,
 }
 KERNELS = ("fwd", "dkdv", "dq")  # one launch each in the default path (benchmarks record a config per kernel)
-ALL_KERNELS = tuple(ROWS)  # + "fused": launched only by the fused and atomic backward forms
+ALL_KERNELS = tuple(ROWS)  # + "fused", "atomic": launched only by those backward forms (`bwd_form`)
 
 
 def _side_table():
@@ -170,6 +193,7 @@ INTERPRET = {
     "dkdv": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT": False}, num_warps=4, num_stages=1),
     "dq": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
     "fused": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT": False}, num_warps=4, num_stages=1),
+    "atomic": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT": False}, num_warps=4, num_stages=1),
 }
 
 
@@ -201,6 +225,8 @@ def row_fits(kernel: str, row: Row, p: Problem) -> bool:
     # The forward's causal split must be BLOCK_N-aligned (a static_assert in the kernel says so too); the
     # backward's loops need no alignment.
     if kernel == "fwd" and p.causal and row.block_m % row.block_n != 0:
+        return False
+    if p.causal and (kernel, row.key) in _FULL_ONLY:
         return False
     return not (row.block_m > 64 and p.seqlen <= 64)  # short sequences: a 128-row block would be mostly masked
 
@@ -253,9 +279,9 @@ _forced: dict = {}
 
 @contextlib.contextmanager
 def force_configs(**by_kernel):
-    """Within this block, launch the named kernels ("fwd", "dkdv", "dq", "fused") with the given `triton.Config`,
-    bypassing autotuning and pruning (tests over every listed block shape; the benchmark's config sweep). Forcing
-    "fused" does not choose the fused backward form: `bwd_form` does."""
+    """Within this block, launch the named kernels ("fwd", "dkdv", "dq", "fused", "atomic") with the given
+    `triton.Config`, bypassing autotuning and pruning (tests over every listed block shape; the benchmark's config
+    sweep). Forcing "fused" or "atomic" does not choose that backward form: `bwd_form` does."""
     unknown = set(by_kernel) - set(ALL_KERNELS)
     if unknown:
         raise ValueError(f"force_configs: unknown kernel(s) {sorted(unknown)}; expected some of {ALL_KERNELS}")
