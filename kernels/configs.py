@@ -79,7 +79,8 @@ FUSED_ROWS = [
     _dkdv(64, 32, 8, 2, _D64),  # mma.sync; clean causal too
     _dkdv(16, 32, 4, 2, _D64 + _SMALL),  # mma.sync, 2+ programs per SM; clean everywhere
     _dkdv(16, 64, 8, 2, _D128, min_sm=90, split=True),
-    _dkdv(32, 32, 8, 2, _D128),
+    _dkdv(32, 32, 8, 2, _D128),  # spills 108-124 B causal (3.6, sm_80 and sm_90)
+    _dkdv(16, 32, 8, 2, _D128),  # the causal d=128 row of sm_80
     _dkdv(16, 16, 8, 1, _ALL_D, min_sm=90, fp32=True),
     _dkdv(16, 16, 4, 1, _ALL_D, max_sm=89, fp32=True),
 ]
@@ -95,7 +96,7 @@ ATOMIC_ROWS = [
     _dkdv(16, 16, 4, 1, _ALL_D, max_sm=89, fp32=True),
 ]
 # (kernel, row key) that are listed for non-causal problems only (they spill causal).
-_FULL_ONLY = {("fused", (32, 64, 8, 2, False)), ("fused", (16, 128, 8, 2, False)),
+_FULL_ONLY = {("fused", (32, 64, 8, 2, False)), ("fused", (16, 128, 8, 2, False)), ("fused", (32, 32, 8, 2, False)),
               ("atomic", (32, 64, 8, 2, False))}
 
 # One forward program holds two fp32 accumulators of BLOCK_M x 2d, i.e. the registers of a plain flash-attention

@@ -37,12 +37,19 @@ def _grads(fn, leaves, kw, dout):
     return torch.autograd.grad(fn(q, k, v, lam, norm_weight=w, **kw), leaves, dout)
 
 
+# dλ and the norm weight's gradient come from the preprocess (the same in every form): −rowsum(dO ⊙ O2) over 2d
+# columns of the saved fp16 O2, whose rounding (~3e-4 relative per element) sums to ~5e-3 at d = 128, N = 1 (no
+# averaging over keys). The BWD table's fp16 bound is for the main kernels' outputs; these two get 4x it.
+ROW_SUMS = {torch.float32: BWD[torch.float32], torch.float16: dict(atol=2e-2, rtol=2e-2)}
+
+
 def _check(leaves, kw, dout, dtype, what, only=None):
     ours = _grads(diff_attn, leaves, kw, dout)
     ref = _grads(diff_attn_reference, [to64(x) for x in leaves], kw, dout.double())
     for name, a, b in zip(NAMES, ours, ref):
         if only is None or name in only:
-            assert_close(a, b, dtype, BWD, f"{what} {name}")
+            table = ROW_SUMS if name in ("dlam", "dnorm_weight") else BWD
+            assert_close(a, b, dtype, table, f"{what} {name}")
 
 
 @pytest.fixture
