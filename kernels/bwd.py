@@ -100,7 +100,7 @@ _bwd_dq = triton.autotune(configs=autotune_configs("dq"), key=_KEY,
 def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal, scale, norm_eps, out_scale,
                   needs_dlam, needs_dw):
     """Gradients (dq, dk, dv, dlam_bhn, dnorm_weight); the last two are None when not needed. The backward form
-    (separate, fused or atomic: see the module docstring) is `configs.bwd_form()`'s.
+    (separate, fused or atomic: see the module docstring) is `configs.bwd_form`'s.
 
     `o_ref` is the pre-norm difference when `norm_weight` is given, else the forward's output.
     """
@@ -123,7 +123,7 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
     dk = alloc.empty_like(k)
     dv = alloc.empty_like(v)
     problem = Problem(d, q.element_size(), causal, N, device_sm(q.device))
-    form = bwd_form()
+    form = bwd_form(problem)
     kwargs = dict(HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), ARCH=problem.sm)
     scalars = (H, N, seqlen_bucket(N), grid_bucket(B, H, N), scale * LOG2E, scale, do_scale)
     with device_guard(q.device):

@@ -81,19 +81,19 @@ FUSED_ROWS = [
     _dkdv(16, 64, 8, 2, _D128, min_sm=90, split=True),
     _dkdv(32, 32, 8, 2, _D128),  # spills 108-124 B causal (3.6, sm_80 and sm_90)
     _dkdv(16, 32, 8, 2, _D128),  # the causal d=128 row of sm_80
-    _dkdv(16, 16, 8, 1, _ALL_D, min_sm=90, fp32=True),
-    _dkdv(16, 16, 4, 1, _ALL_D, max_sm=89, fp32=True),
+    # No fp32 rows: 16x16 spills 8-840 B in one variant or another (ieee dots hold twice the operand registers);
+    # fp32 inputs run the separate form (`bwd_form`).
 ]
 # The atomic form has no dQ phase (two loop bodies): its wide rows compile clean causal too.
 ATOMIC_ROWS = [
     _dkdv(16, 128, 8, 2, _D64, min_sm=90),  # wgmma; half the atomic adds of 64-key blocks
     _dkdv(16, 64, 4, 3, _D64, min_sm=90),  # wgmma, 2 programs per SM (80 KB shared)
     _dkdv(32, 64, 8, 2, _D64, min_sm=90),  # wgmma; spills causal (4-36 B)
-    _dkdv(32, 32, 4, 2, _D64 + _SMALL),  # mma.sync: the separate form's measured dK/dV winner
+    _dkdv(32, 32, 4, 2, _D64, min_sm=90),  # mma.sync, the separate form's measured winner; sm_80 causal spills 40 B
+    _dkdv(16, 32, 4, 2, _D64 + _SMALL),  # clean everywhere (3.6, 3.8, sm_80, sm_90)
     _dkdv(16, 64, 8, 2, _D128, min_sm=90, split=True),
-    _dkdv(32, 32, 8, 2, _D128),
-    _dkdv(16, 16, 8, 1, _ALL_D, min_sm=90, fp32=True),
-    _dkdv(16, 16, 4, 1, _ALL_D, max_sm=89, fp32=True),
+    _dkdv(16, 32, 8, 2, _D128),  # 32x32x8w spills 4-16 B (3.8: sm_80 full, sm_90 causal)
+    # No fp32 rows (see FUSED_ROWS).
 ]
 # (kernel, row key) that are listed for non-causal problems only (they spill causal).
 _FULL_ONLY = {("fused", (32, 64, 8, 2, False)), ("fused", (16, 128, 8, 2, False)), ("fused", (32, 32, 8, 2, False)),
@@ -262,17 +262,26 @@ def deterministic_enabled() -> bool:
 BWD_FORMS = ("separate", "fused", "atomic")
 
 
-def bwd_form() -> str:
+def bwd_form(p: "Problem | None" = None) -> str:
     """The backward form (kernels/bwd.py): DIFF_ATTN_BWD=separate (default: dK/dV and dQ kernels), fused (both in
     one launch, deterministic) or atomic (one launch, dQ accumulated with fp32 atomic adds: less work, but dQ is not
     bitwise reproducible). atomic is opt-in only, and runs as fused in deterministic mode
-    (`torch.use_deterministic_algorithms(True)` or DIFF_ATTN_DETERMINISTIC=1)."""
+    (`torch.use_deterministic_algorithms(True)` or DIFF_ATTN_DETERMINISTIC=1). A problem `p` for which the form has
+    no row (fp32 inputs on a GPU) runs separate; under the interpreter every form runs (one config serves all)."""
     form = os.environ.get("DIFF_ATTN_BWD", "separate").strip().lower() or "separate"
     if form not in BWD_FORMS:
         raise ValueError(f"DIFF_ATTN_BWD={form!r}: expected one of {', '.join(BWD_FORMS)}")
     if form == "atomic" and deterministic_enabled():
-        return "fused"
+        form = "fused"
+    if form != "separate" and p is not None and form not in _forced and not interpreter_enabled() \
+            and not _has_rows(form, p):
+        form = "separate"
     return form
+
+
+@functools.lru_cache(maxsize=None)
+def _has_rows(kernel: str, p: "Problem") -> bool:
+    return bool(fitting_rows(kernel, p))
 
 
 _forced: dict = {}

@@ -173,14 +173,24 @@ def test_unknown_form_is_refused(monkeypatch):
         configs.bwd_form()
 
 
-def test_fused_rows_cover_every_problem_class_and_stay_few():
+def test_fused_rows_cover_every_16bit_problem_class_and_stay_few():
     for kernel in ("fused", "atomic"):
         for d in (16, 32, 64, 128):
-            for nbytes in (2, 4):
-                for sm in (80, 90):
-                    for causal in (False, True):
-                        rows = configs.fitting_rows(kernel, configs.Problem(d, nbytes, causal, 4096, sm))
-                        assert 1 <= len(rows) <= 5, (kernel, d, nbytes, sm, causal)
+            for sm in (80, 90):
+                for causal in (False, True):
+                    rows = configs.fitting_rows(kernel, configs.Problem(d, 2, causal, 4096, sm))
+                    assert 1 <= len(rows) <= 5, (kernel, d, sm, causal)
+                    assert not configs.fitting_rows(kernel, configs.Problem(d, 4, causal, 4096, sm))
+
+
+def test_fp32_runs_the_separate_form_on_a_gpu(monkeypatch):
+    """The one-launch forms have no fp32 rows (they spill): on a GPU an fp32 problem falls back to separate."""
+    monkeypatch.setenv("DIFF_ATTN_BWD", "atomic")
+    monkeypatch.delenv("DIFF_ATTN_DETERMINISTIC", raising=False)
+    monkeypatch.setattr(configs, "interpreter_enabled", lambda: False)
+    assert configs.bwd_form(configs.Problem(64, 4, False, 197, 90)) == "separate"
+    assert configs.bwd_form(configs.Problem(64, 2, False, 197, 90)) == "atomic"
+    assert configs.bwd_form(configs.Problem(64, 2, False, 197, 80)) == "atomic"
 
 
 def test_fused_autotune_key():
