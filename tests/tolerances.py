@@ -19,6 +19,13 @@ BWD = {
     torch.float32: dict(atol=2e-5, rtol=2e-5),
     torch.float16: dict(atol=5e-3, rtol=5e-3),
 }
+# dλ and the norm weight's gradient are row sums in the backward preprocess: −rowsum(dO ⊙ O2) over 2d columns of the
+# O2 the forward saved in fp16, whose rounding (~3e-4 relative per element) sums to ~5e-3 at d = 128, N = 1 (no
+# averaging over keys; measured 6.6e-3). Every backward form shares that preprocess; 4x the BWD fp16 bound.
+BWD_ROW_SUMS = {
+    torch.float32: BWD[torch.float32],
+    torch.float16: dict(atol=2e-2, rtol=2e-2),
+}
 LOWP_FACTOR = 3.0
 LOWP_FLOOR = 1e-3
 # DiffCLIP against the official implementation's saved outputs (model issue).
