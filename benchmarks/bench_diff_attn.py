@@ -51,9 +51,10 @@ def shape_list(which: str, batches=(1, 32, 256, 1024)):
 
 # Who competes where. At the DiffCLIP shapes the combine and the launch count matter, so every baseline runs; at
 # long sequences the attention itself dominates and the materialising providers cannot run.
-DIFFCLIP_PROVIDERS = ("triton", "eager", "eager-official", "sdpa2", "sdpa2-fp32", "sdpa4", "sdpa2-compile",
-                      "sdpa4-compile")
-LONG_PROVIDERS = ("triton", "sdpa2", "sdpa4", "sdpa2-compile")
+DIFFCLIP_PROVIDERS = ("triton", "triton-bwd-fused", "triton-bwd-atomic", "eager", "eager-official", "sdpa2",
+                      "sdpa2-fp32", "sdpa4", "sdpa2-compile", "sdpa4-compile")
+LONG_PROVIDERS = ("triton", "triton-bwd-fused", "triton-bwd-atomic", "sdpa2", "sdpa4", "sdpa2-compile")
+BACKWARD_ONLY = ("triton-bwd-fused", "triton-bwd-atomic")  # the same forward as triton: no fwd rows
 FB = ("fwd", "fwd+bwd")
 # benchmarks/device_check.sh, most important first (a time budget cuts the tail): the issues' headline rows
 # (N = 4096 d = 64 forward, forward+backward and backward alone), the DiffCLIP shapes, d = 128, causal, then N =
@@ -91,7 +92,8 @@ def plan(args, providers_all):
         batches = tuple(int(b) for b in args.batches.split(","))
         entries = [(s, MODES, providers_all) for s in shape_list(args.shapes, batches) if s[3] <= args.max_n]
     return [(shape, dtype, mode, prov) for shape, e_modes, e_provs in entries for dtype in dtypes
-            for mode in e_modes if mode in modes for prov in e_provs if prov in providers]
+            for mode in e_modes if mode in modes for prov in e_provs if prov in providers
+            and not (mode == "fwd" and prov in BACKWARD_ONLY)]
 
 
 def _print_table(rows):

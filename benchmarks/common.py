@@ -6,6 +6,7 @@ Triton.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -56,6 +57,21 @@ def flops_bwd(B, H, N, d, causal) -> float:
 def flops(mode, B, H, N, d, causal) -> float:
     f, b = flops_fwd(B, H, N, d, causal), flops_bwd(B, H, N, d, causal)
     return {"fwd": f, "bwd": b, "fwd+bwd": f + b}[mode]
+
+
+@contextlib.contextmanager
+def environ(**values):
+    """Environment variables set for the block and restored after (the kernels read DIFF_ATTN_BWD per call)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def reason(e: BaseException) -> str:

@@ -95,6 +95,13 @@ def _set_timing(row, prefix, t):
 
 
 def run_case(provider, label, B, H, N, d, causal, dtype_name, mode, device):
+    from .providers import PROVIDER_ENV
+
+    with common.environ(**PROVIDER_ENV.get(provider, {})):
+        return _run_case(provider, label, B, H, N, d, causal, dtype_name, mode, device)
+
+
+def _run_case(provider, label, B, H, N, d, causal, dtype_name, mode, device):
     from .providers import Compiled, fresh, skip_reason
 
     dtype = DTYPES[dtype_name]
@@ -147,11 +154,13 @@ def run_case(provider, label, B, H, N, d, causal, dtype_name, mode, device):
         row["peak_mb"] = common.peak_memory_mb(step)
         # The host's share: a case whose ms is close to host_ms is launch-bound (small N), not kernel-bound.
         row["host_ms"] = common.host_ms(step, grad_to_none=grads)
-        if provider == "triton":  # the configs autotuning chose for this case (latest launch of each kernel)
+        if provider.startswith("triton"):  # the configs autotuning chose for this case (latest launch of each)
             from kernels import configs
 
-            row["configs"] = {k: configs.describe(configs.LAST_CONFIG[k])
-                              for k in (("fwd",) if mode == "fwd" else configs.KERNELS)}
+            launched = ("fwd",) if mode == "fwd" else (("fwd", "dkdv", "dq") if provider == "triton" else
+                                                       ("fwd", configs.bwd_form()))
+            row["configs"] = {k: configs.describe(configs.LAST_CONFIG[k]) for k in launched
+                              if k in configs.LAST_CONFIG}
         if device.type == "cuda":  # which kernels ran (the SDPA backend chosen, the fused combine, ...)
             row["kernels"] = common.kernel_names(step)
         if device.type == "cuda" and mode != "bwd":

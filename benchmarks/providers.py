@@ -14,6 +14,9 @@
                   difference as sdpa2.
 - sdpa2-compile, sdpa4-compile: those under `torch.compile` (Inductor fuses the combine and the concatenation).
 - compile:        `torch.compile` of the eager reference.
+- triton-bwd-fused, triton-bwd-atomic: ours with the one-launch backward forms (DIFF_ATTN_BWD=fused: dK/dV and dQ
+                  in one launch, deterministic; atomic: dQ by fp32 atomic adds, opt-in, not bitwise reproducible);
+                  backward modes only (their forward is triton's).
 
 Compiled providers are built per case (`fresh`): one compiled object serving every case would pass Dynamo's
 recompile limit (8) in a full run and silently run eager code from then on. Each records how many graphs it
@@ -93,8 +96,11 @@ def _compile_setup():
 
 # Compiled providers: name -> the eager function they compile.
 COMPILED = {"compile": diff_attn_reference, "sdpa2-compile": sdpa_diff_attn, "sdpa4-compile": sdpa4_diff_attn}
+# Providers that are `diff_attn` under other environment settings (read by the kernels per call), for backward modes.
+PROVIDER_ENV = {"triton-bwd-fused": {"DIFF_ATTN_BWD": "fused"}, "triton-bwd-atomic": {"DIFF_ATTN_BWD": "atomic"}}
 PROVIDERS = {
     "triton": diff_attn,
+    **{name: diff_attn for name in PROVIDER_ENV},
     "eager": diff_attn_reference,
     "eager-official": diff_attn_official,
     "sdpa2": sdpa_diff_attn,
@@ -118,7 +124,7 @@ def skip_reason(name: str, device: torch.device) -> str | None:
     """Why provider `name` cannot run here, or None."""
     if name not in PROVIDERS:
         return f"unknown provider {name!r}"
-    if name == "triton":
+    if name == "triton" or name in PROVIDER_ENV:
         return triton_unavailable_reason(device)
     if name in COMPILED:
         try:

@@ -9,7 +9,9 @@ backward, so every dK/dV row carried the dQ kernel's fixed-row time and vice ver
 sweep was the partner kernel, not host time.) Kernels:
 - fwd:       the inference forward (no saved state);
 - fwd-train: the training forward (SAVE_FOR_BWD: also writes the log-sum-exps and O2 the backward reads);
-- dkdv, dq:  the backward's two main kernels (forward done once outside the timing).
+- dkdv, dq:  the backward's two main kernels (forward done once outside the timing);
+- fused, atomic: the one-launch backward forms' kernel (DIFF_ATTN_BWD; whole-backward comparisons of the forms are
+             the op table's `triton-bwd-fused` / `triton-bwd-atomic` providers).
 Every row is timed twice, the second pass in reverse order, so drift (clocks, temperature) shows as disagreement
 between `ms` and `ms_repeat` instead of as a ranking. Before its first timing each row's output (and gradients, for
 backward rows) is checked against the fp32 reference, as the provider table does: a wrong config gets no time. On CPU (the interpreter) the step's wall-clock time stands in:
@@ -41,7 +43,11 @@ SETS = {"full": FULL, "reduced": REDUCED, "long": LONG}
 SMOKE = [("smoke", 1, 1, 40, 16, True)]
 # sweep kernel -> (config list in kernels/configs.py, Triton function name as the profiler shows it)
 SWEPT = {"fwd": ("fwd", "_diff_attn_fwd_kernel"), "fwd-train": ("fwd", "_diff_attn_fwd_kernel"),
-         "dkdv": ("dkdv", "_bwd_dkdv_kernel"), "dq": ("dq", "_bwd_dq_kernel")}
+         "dkdv": ("dkdv", "_bwd_dkdv_kernel"), "dq": ("dq", "_bwd_dq_kernel"),
+         # the one-launch backward forms (DIFF_ATTN_BWD=fused / atomic; kernels/bwd_fused.py): their kernel alone,
+         # i.e. without the preprocess they share with the separate form and, for atomic, the dQ zero-fill and cast
+         "fused": ("fused", "_bwd_fused_kernel"), "atomic": ("atomic", "_bwd_fused_kernel")}
+BACKWARD = ("dkdv", "dq", "fused", "atomic")
 
 
 def _time_config(kernel, cfg, fixed, shape, dtype, device, check=False):
@@ -52,9 +58,10 @@ def _time_config(kernel, cfg, fixed, shape, dtype, device, check=False):
     label, B, H, N, d, causal = shape
     q, k, v, lam = common.qkv_inputs(B, H, N, d, dtype, device, grad=kernel != "fwd")
     listed, name = SWEPT[kernel]
-    with configs.force_configs(**dict(fixed, **{listed: cfg})):
+    form = {"DIFF_ATTN_BWD": kernel} if kernel in ("fused", "atomic") else {}
+    with configs.force_configs(**dict(fixed, **{listed: cfg})), common.environ(**form):
         if check:  # no time for a config that computes something else (outputs, and gradients for backward rows)
-            err = check_output(diff_attn, q, k, v, lam, causal, "fwd+bwd" if kernel in ("dkdv", "dq") else "fwd")
+            err = check_output(diff_attn, q, k, v, lam, causal, "fwd+bwd" if kernel in BACKWARD else "fwd")
             limit = 1e-4 if dtype == torch.float32 else 2e-2
             if not err <= limit:
                 raise RuntimeError(f"output check failed: rel err {err:.2e} > {limit:.0e}")

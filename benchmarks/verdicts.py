@@ -26,7 +26,7 @@ def add_speedups(rows):
         by_case.setdefault(tuple(r[k] for k in CASE_KEYS), []).append(r)
     for case in by_case.values():
         timed = [r for r in case if r.get("ms")]
-        baselines = [r for r in timed if r["provider"] != "triton"]
+        baselines = [r for r in timed if not r["provider"].startswith("triton")]
         best = min(baselines, key=lambda r: r["ms"]) if baselines else None
         for r in case:
             ok = bool(r.get("ms"))
@@ -35,7 +35,7 @@ def add_speedups(rows):
                 r[f"speedup_vs_{name}"] = r["speedup_vs"].get(name)
             others = [b for b in baselines if b is not r]
             rbest = min(others, key=lambda b: b["ms"]) if others else None
-            if r["provider"] == "triton":
+            if r["provider"].startswith("triton"):
                 rbest = best
             r["best_baseline"] = rbest["provider"] if rbest and ok else None
             r["speedup_vs_best"] = rbest["ms"] / r["ms"] if rbest and ok else None

@@ -44,6 +44,9 @@ def test_op_smoke_writes_every_provider(tmp_path):
                   and all(o[k] == r[k] for k in verdicts.CASE_KEYS)]
         best = min(others, key=lambda o: o["ms"])
         assert r["best_baseline"] == best["provider"] and r["speedup_vs_best"] == pytest.approx(best["ms"] / r["ms"])
+    for form in ("fused", "atomic"):  # the backward-form providers ran their form (and have no forward-only rows)
+        form_rows = [r for r in rows if r["provider"] == f"triton-bwd-{form}"]
+        assert form_rows and all(r["mode"] != "fwd" and form in r["configs"] for r in form_rows), form_rows
     compiled = [r for r in rows if r["provider"].endswith("compile")]
     assert compiled and all(r["compiled_graphs"] >= 1 for r in compiled)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
