@@ -1,0 +1,99 @@
+"""Launch configs of the language-model kernels (varlen forward/backward, decode).
+
+Fixed rows for now, one per (kernel, head-dim class, dtype class, architecture), chosen from the dense kernels'
+spill-free shapes (kernels/configs.py) and checked by `python -m kernels.compile_check_lm` (no spills, shared
+memory within the limit, sm_80 and sm_90). They are not autotuned and not yet timed on a GPU: a device sweep may
+replace them (and may add autotune lists here, kept apart from the dense kernels' ROWS).
+Under Triton's interpreter one small config per kernel is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import triton
+
+from .runtime import interpreter_enabled
+
+_SMALL, _D64, _D128 = (16, 32), (64,), (128,)
+
+
+@dataclass(frozen=True)
+class LmRow:
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    head_dims: tuple
+    fp32: bool = False
+    min_sm: int = 80
+    max_sm: int = 1000
+
+    def config(self) -> triton.Config:
+        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, num_warps=self.warps,
+                             num_stages=self.stages)
+
+
+# First fitting row wins. Rows mirror the dense lists' spill-free shapes; the varlen programs carry a few more
+# per-row registers (sequence bounds, the bottom-right causal limit).
+LM_ROWS = {
+    "varlen_fwd": [
+        LmRow(64, 64, 8, 2, _D64 + _SMALL),
+        LmRow(32, 64, 8, 2, _D128),
+        LmRow(16, 16, 4, 1, _SMALL + _D64 + _D128, fp32=True),
+    ],
+    "varlen_dkdv": [
+        LmRow(64, 32, 8, 2, _D64),
+        LmRow(32, 64, 4, 2, _SMALL),
+        LmRow(32, 32, 8, 2, _D128),
+        LmRow(16, 16, 8, 1, _SMALL + _D64 + _D128, fp32=True, min_sm=90),
+        LmRow(16, 16, 4, 2, _SMALL + _D64 + _D128, fp32=True, max_sm=89),
+    ],
+    "varlen_dq": [
+        LmRow(64, 32, 4, 2, _D64 + _SMALL),
+        LmRow(64, 32, 8, 2, _D128),
+        LmRow(16, 16, 4, 1, _SMALL + _D64 + _D128, fp32=True),
+    ],
+    # Decode: BLOCK_M (query rows of one KV group: G·Nq rounded up to a power of two, at least 16) is chosen per
+    # call by `decode_block_m`; these rows give BLOCK_N (keys per step) and the warps for the largest BLOCK_M (64).
+    "decode": [
+        LmRow(64, 64, 4, 3, _D64 + _SMALL),
+        LmRow(64, 32, 8, 2, _D128),
+        LmRow(64, 16, 4, 1, _SMALL + _D64 + _D128, fp32=True),
+    ],
+}
+LM_KERNELS = tuple(LM_ROWS)
+
+INTERPRET = {
+    "varlen_fwd": triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+    "varlen_dkdv": triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+    "varlen_dq": triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+    "decode": triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+}
+COMBINE_ROWS = 16  # rows per program of the decode combine kernel
+
+
+def lm_rows(kernel: str, head_dim: int, dtype_bytes: int, sm: int) -> list:
+    return [r for r in LM_ROWS[kernel] if head_dim in r.head_dims and r.fp32 == (dtype_bytes == 4)
+            and r.min_sm <= sm <= r.max_sm]
+
+
+def lm_config(kernel: str, head_dim: int, dtype_bytes: int, sm: int) -> triton.Config:
+    """The config a launch uses (the interpreter's under TRITON_INTERPRET=1)."""
+    if interpreter_enabled():
+        return INTERPRET[kernel]
+    rows = lm_rows(kernel, head_dim, dtype_bytes, sm)
+    if not rows:  # every (head dim, dtype, arch) has a row; reaching this is a bug in the lists
+        raise RuntimeError(f"no {kernel} config for d={head_dim}, {dtype_bytes}-byte inputs, sm_{sm}")
+    return rows[0].config()
+
+
+def decode_block_m(group_rows: int, cap: int) -> int:
+    """Query rows per decode program: G·Nq rounded up to a power of two, at least 16 (the smallest tl.dot M),
+    at most `cap` (the config's BLOCK_M); more rows take more programs."""
+    return min(cap, max(16, 1 << max(0, group_rows - 1).bit_length()))
+
+
+def decode_warps(block_m: int, cfg: triton.Config) -> int:
+    """Fewer rows, fewer warps: the config's warps are sized for its BLOCK_M."""
+    return max(4, cfg.num_warps * block_m // cfg.kwargs["BLOCK_M"])
