@@ -70,12 +70,15 @@ def _prec(dtype):
     return "ieee" if dtype == "fp32" else "tf32"
 
 
-def _class(arch, dtype, d):
+def _class(arch, dtype, d, only=None):
     from . import decode, varlen, varlen_bwd
+
+    def want(kernel):  # --only: quick reruns of some kernels
+        return only is None or kernel in only
 
     nbytes = 4 if dtype == "fp32" else 2
     out = []
-    for row in lm_rows("varlen_fwd", d, nbytes, arch):
+    for row in lm_rows("varlen_fwd", d, nbytes, arch) if want("varlen_fwd") else ():
         blocks = {"BLOCK_M": row.block_m, "BLOCK_N": row.block_n}
         label = f"BLOCK_M={row.block_m} BLOCK_N={row.block_n} w={row.warps} s={row.stages}"
         for causal in (False, True):
@@ -88,14 +91,14 @@ def _class(arch, dtype, d):
         out.append(_compile_one("varlen_fwd_infer", varlen._varlen_fwd_kernel, arch, dtype, const, row.warps,
                                 row.stages, none_ptrs=("NORM_W", "LSE", "O2", "OPRE"), causal=True, label=label))
     for kernel, fn in (("varlen_dkdv", varlen_bwd._varlen_dkdv_kernel), ("varlen_dq", varlen_bwd._varlen_dq_kernel)):
-        for row in lm_rows(kernel, d, nbytes, arch):
+        for row in lm_rows(kernel, d, nbytes, arch) if want(kernel) else ():
             label = f"BLOCK_M={row.block_m} BLOCK_N={row.block_n} w={row.warps} s={row.stages}"
             for causal in (False, True):
                 const = {"HEAD_DIM": d, "CAUSAL": causal, "DOT_PRECISION": _prec(dtype),
                          "BLOCK_M": row.block_m, "BLOCK_N": row.block_n}
                 out.append(_compile_one(kernel, fn, arch, dtype, const, row.warps, row.stages, causal=causal,
                                         label=label))
-    for row in lm_rows("decode", d, nbytes, arch):
+    for row in lm_rows("decode", d, nbytes, arch) if want("decode_split") else ():
         cfg = row.config()
         for block_m in (16, 32, 64):  # every BLOCK_M `decode_block_m` can pick under this row's cap
             if block_m > row.block_m:
@@ -105,7 +108,7 @@ def _class(arch, dtype, d):
             out.append(_compile_one("decode_split", decode._decode_split_kernel, arch, dtype, const, warps,
                                     row.stages, causal=True,
                                     label=f"BLOCK_M={block_m} BLOCK_N={row.block_n} w={warps} s={row.stages}"))
-    for has_norm in (False, True):
+    for has_norm in (False, True) if want("decode_combine") else ():
         const = {"HEAD_DIM": d, "HAS_NORM": has_norm, "BLOCK_R": COMBINE_ROWS}
         out.append(_compile_one("decode_combine", decode._decode_combine_kernel, arch, dtype, const, 4, 1,
                                 none_ptrs=() if has_norm else ("NORM_W",),
@@ -118,8 +121,8 @@ DTYPES = ("fp16", "bf16", "fp32")
 HEAD_DIMS = (16, 32, 64, 128)
 
 
-def collect(archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, jobs=1):
-    classes = [(a, t, d) for a in archs for t in dtypes for d in head_dims]
+def collect(archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, jobs=1, only=None):
+    classes = [(a, t, d, only) for a in archs for t in dtypes for d in head_dims]
     if jobs <= 1:
         parts = [_class(*c) for c in classes]
     else:
@@ -141,10 +144,12 @@ def main(argv=None):
     parser.add_argument("--dtypes", type=lambda s: tuple(s.split(",")), default=DTYPES)
     parser.add_argument("--head-dims", type=_ints, default=HEAD_DIMS)
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--only", type=lambda s: tuple(s.split(",")), default=None,
+                        help="keep these kernels' rows, e.g. decode_split,decode_combine")
     args = parser.parse_args(argv)
     if interpreter_enabled():
         raise SystemExit("unset TRITON_INTERPRET: the interpreter's @triton.jit objects cannot be compiled")
-    results = collect(args.archs, args.dtypes, args.head_dims, args.jobs)
+    results = collect(args.archs, args.dtypes, args.head_dims, args.jobs, args.only)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "rows": [dataclasses.asdict(r) for r in results]}, f, indent=1)

@@ -2,7 +2,7 @@
 
 Layout: the split kernel, the combine kernel -> the launch helper. The public function is `api_lm.diff_attn_decode`.
 
-Split kernel: one program per (key chunk, sequence, key/value group, block of query rows). Its query rows are all
+Split kernel: one program per (sequence, key/value group, block of query rows) and key chunk. Its query rows are all
 G·Nq (diff-head, new token) pairs of the group (G = H / Hkv), so each K1, K2 and V tile of the cache is read once per
 group, not once per diff-head: decoding is bound by reading the cache, and this is what keeps it near that floor.
 It folds its chunk of keys into both maps' online-softmax states (`lm_steps._fold_keys`, the dense forward's step)
@@ -40,8 +40,8 @@ def _decode_split_kernel(
     B, H, NQ, GROUP, CHUNK, ROW_BLOCKS, qk_scale,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    pid = tl.program_id(1)
+    pid = tl.program_id(0)  # B·Hkv·row blocks can pass the 65535 limit of grid axes 1 and 2: axis 0
+    split = tl.program_id(1)
     rb = pid % ROW_BLOCKS
     bg = pid // ROW_BLOCKS
     b = (bg // (H // GROUP)).to(tl.int64)
@@ -85,7 +85,7 @@ def _decode_split_kernel(
     o1, o2, lse1, lse2 = _finish_maps(acc1, acc2, m1, m2, l1, l2)
 
     # Partials (2 maps, splits, B, H, NQ[, 2d]): this program's rows are contiguous (h·NQ + i = g·GROUP·NQ + r).
-    map_rows = tl.num_programs(0).to(tl.int64) * B * H * NQ
+    map_rows = tl.num_programs(1).to(tl.int64) * B * H * NQ
     prow = (split.to(tl.int64) * B + b) * H * NQ + g * GROUP * NQ + r
     o_ptrs = OPART + prow[:, None] * (2 * HEAD_DIM) + offs_dv[None, :]
     tl.store(o_ptrs, o1, mask=row_ok[:, None])
@@ -113,8 +113,8 @@ def _decode_combine_kernel(
     B, H, NQ, SPLITS, norm_eps, out_scale,
     HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    b = tl.program_id(1).to(tl.int64)
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # rows h·NQ + i of sequence b
+    b = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # rows h·NQ + i of sequence b
     ok = r < H * NQ
     h = r // NQ
     i = r % NQ
@@ -177,14 +177,14 @@ def decode_fwd(q, k_cache, v_cache, lam3, norm_weight, cache_seqlens, *, scale, 
     lpart = alloc.empty(2, splits, B, H, Nq, dtype=torch.float32, device=q.device)
     lam = torch.broadcast_to(lam3, (B, H, Nq))
     with device_guard(q.device):
-        _decode_split_kernel[(splits, programs)](
+        _decode_split_kernel[(programs, splits)](
             q, k_cache, v_cache, cache_seqlens, opart, lpart,
             *q.stride(), *k_cache.stride(), *v_cache.stride(),
             B, H, Nq, group, chunk, row_blocks, scale * LOG2E,
             HEAD_DIM=d, DOT_PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=decode_warps(block_m, cfg), num_stages=cfg.num_stages,
         )
-        _decode_combine_kernel[(cdiv(H * Nq, COMBINE_ROWS), B)](
+        _decode_combine_kernel[(B, cdiv(H * Nq, COMBINE_ROWS))](
             opart, lpart, lam, norm_weight, out, *lam.stride(), *out.stride(),
             norm_weight.stride(0) if norm_weight is not None else 0,
             B, H, Nq, splits, norm_eps, out_scale,

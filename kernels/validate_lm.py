@@ -18,6 +18,9 @@ from .validate import (KERNEL_DTYPES, KERNEL_HEAD_DIMS, MAX_TILE_STRIDE, _finite
                        _require_tensor)
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2 (the varlen kernels put the sequence index on axis 1)
+
+
 @dataclass(frozen=True)
 class LmArgs:
     heads: int  # diff-heads H (q carries 2H heads)
@@ -106,6 +109,9 @@ def check_varlen_args(q, k, v, lam, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if cu_seqlens_q.shape[0] < 1:
         raise ValueError("cu_seqlens_q must hold batch + 1 >= 1 entries, got 0")
     _int_vector("cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape[0], q.device)
+    if cu_seqlens_q.shape[0] - 1 > MAX_GRID_Y:
+        raise ValueError(f"at most {MAX_GRID_Y} sequences per call (a grid axis of the kernels), got "
+                         f"{cu_seqlens_q.shape[0] - 1}")
     mq, mk = _max_seqlen("max_seqlen_q", max_seqlen_q), _max_seqlen("max_seqlen_k", max_seqlen_k)
     if q.device.type == "cpu":  # contents: see the module docstring for why only here
         for name, cu, total, most in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], mq),
