@@ -153,3 +153,19 @@ def test_varlen_bad_arguments_name_the_argument(over, exc, needle):
 def test_varlen_non_monotone_cu_seqlens_rejected():
     with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
         diff_attn_varlen(**_bad(cu_seqlens_q=torch.tensor([0, 6, 5], dtype=torch.int32), max_seqlen_q=6))
+
+
+def test_varlen_reads_strided_views_in_place(poison):
+    """q, k, v as views of one packed projection output (T, 2H·d + 2Hkv·d + Hkv·2d), the layout a fused qkv linear
+    gives: same bits as contiguous copies (the kernel takes the strides, nothing is copied)."""
+    H, Hkv, d, lens = 4, 2, 64, [5, 0, 11]
+    T = sum(lens)
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(T, 2 * H * d + 4 * Hkv * d, generator=g).to(DEVICE, torch.float16)
+    q = qkv[:, :2 * H * d].view(T, 2 * H, d)
+    k = qkv[:, 2 * H * d:2 * H * d + 2 * Hkv * d].view(T, 2 * Hkv, d)
+    v = qkv[:, 2 * H * d + 2 * Hkv * d:].view(T, Hkv, 2 * d)
+    cu = _cu(lens)
+    strided = diff_attn_varlen(q, k, v, 0.6, cu, cu, 11, 11, causal=True)
+    dense = diff_attn_varlen(q.contiguous(), k.contiguous(), v.contiguous(), 0.6, cu, cu, 11, 11, causal=True)
+    assert torch.equal(strided, dense)
