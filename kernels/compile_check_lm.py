@@ -18,7 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .compile_check import SMEM_LIMIT, CompileResult, mma_kind, ptxas_report
-from .configs_lm import COMBINE_ROWS, LM_ROWS, decode_warps, lm_rows
+from .configs_lm import COMBINE_ROWS, LM_ROWS, combine_warps, decode_warps, lm_rows
 from .runtime import interpreter_enabled
 
 _FP32_PTRS = {"LAM", "LSE", "DELTA", "NORM_W", "OPART", "LPART"}
@@ -99,20 +99,20 @@ def _class(arch, dtype, d, only=None):
                 out.append(_compile_one(kernel, fn, arch, dtype, const, row.warps, row.stages, causal=causal,
                                         label=label))
     for row in lm_rows("decode", d, nbytes, arch) if want("decode_split") else ():
-        cfg = row.config()
         for block_m in (16, 32, 64):  # every BLOCK_M `decode_block_m` can pick under this row's cap
             if block_m > row.block_m:
                 continue
-            warps = decode_warps(block_m, cfg)
+            warps = decode_warps(block_m, d)
             const = {"HEAD_DIM": d, "DOT_PRECISION": _prec(dtype), "BLOCK_M": block_m, "BLOCK_N": row.block_n}
             out.append(_compile_one("decode_split", decode._decode_split_kernel, arch, dtype, const, warps,
                                     row.stages, causal=True,
                                     label=f"BLOCK_M={block_m} BLOCK_N={row.block_n} w={warps} s={row.stages}"))
     for has_norm in (False, True) if want("decode_combine") else ():
         const = {"HEAD_DIM": d, "HAS_NORM": has_norm, "BLOCK_R": COMBINE_ROWS}
-        out.append(_compile_one("decode_combine", decode._decode_combine_kernel, arch, dtype, const, 4, 1,
+        warps = combine_warps(d)
+        out.append(_compile_one("decode_combine", decode._decode_combine_kernel, arch, dtype, const, warps, 1,
                                 none_ptrs=() if has_norm else ("NORM_W",),
-                                label=f"BLOCK_R={COMBINE_ROWS} norm={int(has_norm)} w=4 s=1"))
+                                label=f"BLOCK_R={COMBINE_ROWS} norm={int(has_norm)} w={warps} s=1"))
     return out
 
 

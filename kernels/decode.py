@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import alloc
 from .configs import cdiv, device_sm
-from .configs_lm import COMBINE_ROWS, decode_block_m, decode_warps, lm_config
+from .configs_lm import COMBINE_ROWS, combine_warps, decode_block_m, decode_warps, lm_config
 from .fwd import LOG2E, dot_precision
 from .lm_steps import _finish_maps, _fold_keys, _norm_epilogue, _unmasked_end
 from .runtime import device_guard
@@ -182,12 +182,12 @@ def decode_fwd(q, k_cache, v_cache, lam3, norm_weight, cache_seqlens, *, scale, 
             *q.stride(), *k_cache.stride(), *v_cache.stride(),
             B, H, Nq, group, chunk, row_blocks, scale * LOG2E,
             HEAD_DIM=d, DOT_PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=decode_warps(block_m, cfg), num_stages=cfg.num_stages,
+            num_warps=decode_warps(block_m, d), num_stages=cfg.num_stages,
         )
         _decode_combine_kernel[(B, cdiv(H * Nq, COMBINE_ROWS))](
             opart, lpart, lam, norm_weight, out, *lam.stride(), *out.stride(),
             norm_weight.stride(0) if norm_weight is not None else 0,
             B, H, Nq, splits, norm_eps, out_scale,
-            HEAD_DIM=d, HAS_NORM=norm_weight is not None, BLOCK_R=COMBINE_ROWS, num_warps=4,
+            HEAD_DIM=d, HAS_NORM=norm_weight is not None, BLOCK_R=COMBINE_ROWS, num_warps=combine_warps(d),
         )
     return out
