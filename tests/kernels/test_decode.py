@@ -85,11 +85,14 @@ def test_decode_equals_last_rows_of_causal_prefill(poison):
     assert_close(out, full[:, :, -3:], torch.float32, FWD, "decode vs prefill rows")
 
 
+RANGE_ERROR = "cache_seqlens must lie in [Nq, Nmax] = [2, 40]"
+
+
 @pytest.mark.parametrize("over,exc,needle", [
     (dict(cache_seqlens=torch.tensor([5, 9])), TypeError, "cache_seqlens must be an int32"),
     (dict(cache_seqlens=torch.tensor([5], dtype=torch.int32)), ValueError, "cache_seqlens must have shape (2,)"),
-    (dict(cache_seqlens=torch.tensor([5, 41], dtype=torch.int32)), ValueError, "cache_seqlens must lie in [Nq, Nmax] = [2, 40]"),
-    (dict(cache_seqlens=torch.tensor([1, 9], dtype=torch.int32)), ValueError, "cache_seqlens must lie in [Nq, Nmax] = [2, 40]"),
+    (dict(cache_seqlens=torch.tensor([5, 41], dtype=torch.int32)), ValueError, RANGE_ERROR),
+    (dict(cache_seqlens=torch.tensor([1, 9], dtype=torch.int32)), ValueError, RANGE_ERROR),
     (dict(num_splits=0), ValueError, "num_splits must be None or an int >= 1"),
     (dict(v_cache=torch.zeros(2, 1, 41, 128)), ValueError, "one length Nmax"),
     (dict(lam=torch.zeros(3)), ValueError, "lam must be"),
