@@ -102,7 +102,7 @@ def _class(arch, dtype, d, only=None):
         for block_m in (16, 32, 64):  # every BLOCK_M `decode_block_m` can pick under this row's cap
             if block_m > row.block_m:
                 continue
-            warps = decode_warps(block_m, d)
+            warps = decode_warps(block_m, d, row.warps)
             const = {"HEAD_DIM": d, "DOT_PRECISION": _prec(dtype), "BLOCK_M": block_m, "BLOCK_N": row.block_n}
             out.append(_compile_one("decode_split", decode._decode_split_kernel, arch, dtype, const, warps,
                                     row.stages, causal=True,

@@ -40,11 +40,12 @@ LM_ROWS = {
     "varlen_fwd": [
         LmRow(64, 64, 8, 2, _D64 + _SMALL),
         LmRow(32, 64, 8, 2, _D128),
-        LmRow(16, 16, 4, 1, _SMALL + _D64 + _D128, fp32=True),
+        LmRow(16, 16, 2, 1, _SMALL, fp32=True),  # 4 warps spill 8-12 B at d = 32 on sm_90 with Triton 3.6
+        LmRow(16, 16, 4, 1, _D64 + _D128, fp32=True),
     ],
     "varlen_dkdv": [
         LmRow(64, 32, 8, 2, _D64),
-        LmRow(32, 32, 4, 2, _SMALL),  # 32x64x4w spills 36-76 B causal
+        LmRow(32, 32, 4, 1, _SMALL),  # 32x64x4w (Triton 3.8) and 32x32x4w two stages (3.6) spill 8-76 B
         LmRow(32, 32, 8, 2, _D128),
         LmRow(16, 16, 4, 1, _SMALL + _D64 + _D128, fp32=True),  # 8 warps spill 20-32 B on sm_90
     ],
@@ -54,12 +55,15 @@ LM_ROWS = {
         LmRow(16, 16, 4, 2, _SMALL + _D64 + _D128, fp32=True),  # one stage spills 16-28 B causal at d = 16 on sm_80
     ],
     # Decode: BLOCK_M (query rows of one KV group: G·Nq rounded up to a power of two, at least 16) is chosen per
-    # call by `decode_block_m`; these rows give BLOCK_N (keys per step) and the warps for the largest BLOCK_M (64).
-    # BLOCK_M here is the cap; warps follow BLOCK_M·d (`decode_warps`): two fp32 (BLOCK_M, 2d) accumulators.
+    # call by `decode_block_m`; these rows give BLOCK_N (keys per step) and the fewest warps.
+    # BLOCK_M here is the cap; warps follow BLOCK_M·d (`decode_warps`, at least the row's): two fp32 (BLOCK_M, 2d)
+    # accumulators.
     "decode": [
-        LmRow(64, 64, 8, 3, _D64 + _SMALL),
-        LmRow(32, 32, 8, 2, _D128),  # 64 rows at d = 128 spill even with 8 warps
-        LmRow(16, 16, 4, 1, _SMALL + _D64 + _D128, fp32=True),  # 32-64 fp32 rows spill (ieee dots)
+        LmRow(64, 64, 4, 3, _D64),
+        LmRow(64, 64, 4, 2, _SMALL),  # three stages spill 8-16 B at d = 16 on sm_80 with Triton 3.6
+        LmRow(32, 32, 4, 2, _D128),  # 64 rows at d = 128 spill even with 8 warps
+        LmRow(16, 16, 2, 1, _SMALL, fp32=True),  # fp32 (ieee dots): 32-64 rows spill; 4 warps spill on 3.6
+        LmRow(16, 16, 4, 1, _D64 + _D128, fp32=True),
     ],
 }
 LM_KERNELS = tuple(LM_ROWS)
@@ -94,10 +98,10 @@ def decode_block_m(group_rows: int, cap: int) -> int:
     return min(cap, max(16, 1 << max(0, group_rows - 1).bit_length()))
 
 
-def decode_warps(block_m: int, head_dim: int) -> int:
+def decode_warps(block_m: int, head_dim: int, least: int) -> int:
     """Warps for a decode program: its two fp32 (BLOCK_M, 2d) accumulators at about 64 registers a thread
-    (BLOCK_M·d / 512 warps), between 4 and 8."""
-    return max(4, min(8, block_m * head_dim // 512))
+    (BLOCK_M·d / 512 warps), at most 8 and at least the row's own warps (`least`)."""
+    return max(least, min(8, block_m * head_dim // 512))
 
 
 def combine_warps(head_dim: int) -> int:

@@ -182,7 +182,7 @@ def decode_fwd(q, k_cache, v_cache, lam3, norm_weight, cache_seqlens, *, scale, 
             *q.stride(), *k_cache.stride(), *v_cache.stride(),
             B, H, Nq, group, chunk, row_blocks, scale * LOG2E,
             HEAD_DIM=d, DOT_PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=decode_warps(block_m, d), num_stages=cfg.num_stages,
+            num_warps=decode_warps(block_m, d, cfg.num_warps), num_stages=cfg.num_stages,
         )
         _decode_combine_kernel[(B, cdiv(H * Nq, COMBINE_ROWS))](
             opart, lpart, lam, norm_weight, out, *lam.stride(), *out.stride(),
