@@ -3,7 +3,8 @@
 
 `pip install -e .` gives the kernel and the model's eager/SDPA paths; `.[clip]` adds the tokenizer, image
 preprocessing, checkpoint download and the `diffclip` command line; `.[eval]` adds LAION's CLIP Benchmark for
-`diffclip eval --dataset NAME`; `.[train]` adds webdataset for `diffclip train`; `.[dev]` adds everything plus
+`diffclip eval --dataset NAME`; `.[train]` adds webdataset for `diffclip train`; `.[lm]` adds
+transformers (DiffLlama); `.[dev]` adds everything plus
 the test and benchmark tools.
 """
 
@@ -27,6 +28,8 @@ EVAL = ["clip-benchmark>=1.6", "requests"]
 # `diffclip train`: webdataset's tar reader for img2dataset shards (TensorBoard logging is used only if installed:
 # pip install tensorboard).
 TRAIN = ["webdataset>=0.2"]
+# Language models: transformers' DiffLlama (tests/integrations: the `kernels` name-clash check).
+LM = ["transformers>=4.48"]
 TEST = ["pytest>=7", "pytest-benchmark>=4"]
 BENCH = ["matplotlib"]
 
@@ -54,7 +57,8 @@ setup(
         "bench": BENCH,
         "eval": CLIP + EVAL,
         "train": CLIP + TRAIN,
-        "dev": CLIP + EVAL + TRAIN + TEST + BENCH,
+        "lm": LM,
+        "dev": CLIP + EVAL + TRAIN + TEST + BENCH + LM,
     },
     entry_points={"console_scripts": ["diffclip = diffclip.cli:main"]},
     classifiers=[

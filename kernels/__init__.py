@@ -11,6 +11,9 @@ Note: Hugging Face's `kernels` package uses the same import name; install the tw
 from .api import diff_attn
 from .reference import diff_attn_reference, rms_norm_epilogue
 from .runtime import interpreter_enabled, triton_available, triton_unavailable_reason
+from .api_lm import diff_attn_decode, diff_attn_varlen
+from .reference_lm import (diff_attn_decode_reference, diff_attn_gqa_reference, diff_attn_v2_reference,
+                           diff_attn_varlen_reference)
 
 __all__ = [
     "diff_attn",
@@ -19,5 +22,11 @@ __all__ = [
     "interpreter_enabled",
     "triton_available",
     "triton_unavailable_reason",
+    "diff_attn_varlen",
+    "diff_attn_decode",
+    "diff_attn_varlen_reference",
+    "diff_attn_decode_reference",
+    "diff_attn_gqa_reference",
+    "diff_attn_v2_reference",
 ]
 __version__ = "0.1.0"
