@@ -21,7 +21,7 @@ Counted per diff-head (q/k heads 2h, 2h+1, v head h), summed over B·H, for one 
   softmax needs per executed score element and map (scale-and-subtract FMA, row max, row sum, down-convert: ~4.5)
   plus the accumulator rescale (2d multiplies per row per key block per map, i.e. 2d/BLOCK_N per element);
   `serial_us`, the time if matmul, exponentials and ALU work never overlap — what the compiled kernels do today
-  (every wgmma is waited on at once: /work/shared/reference/perf-facts-2026-12-01.md), hence the expected time,
+  (every wgmma is waited on at once: ../shared/reference/perf-facts-2026-12-01.md), hence the expected time,
   with the roofline's max() as the floor an overlapping (warp-specialised) schedule could approach.
 """
 

@@ -214,19 +214,30 @@ def _dq_inner(dq1, dq2, q1, q2, do, lse1, lse2, d1, d2, lam, offs_m, k_base, str
     for start_n in range(lo, hi, BLOCK_N):
         k1, k2, v, offs_n, key_ok = _load_key_rows(k_base, stride_kh, stride_kn, stride_kd, v_base, stride_vn,
                                                    stride_vd, start_n, offs_d, offs_dv, N, BLOCK_N)
-        p1 = tl.math.exp2(tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION) * qk_scale - lse1[:, None])
-        p2 = tl.math.exp2(tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
-        if MASKED:
-            visible = key_ok[None, :]
-            if CAUSAL:
-                visible = visible & (offs_m[:, None] >= offs_n[None, :])
-            p1 = tl.where(visible, p1, 0.0)
-            p2 = tl.where(visible, p2, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) * do_scale
-        ds1 = p1 * (dp - d1[:, None])
-        ds2 = -lam[:, None] * p2 * (dp - d2[:, None])
-        dq1 = tl.dot(ds1.to(k1.dtype), k1, dq1, input_precision=DOT_PRECISION)
-        dq2 = tl.dot(ds2.to(k2.dtype), k2, dq2, input_precision=DOT_PRECISION)
+        visible = key_ok[None, :]
+        if CAUSAL:
+            visible = visible & (offs_m[:, None] >= offs_n[None, :])
+        dq1, dq2 = _dq_block(dq1, dq2, q1, q2, do, lse1, lse2, d1, d2, lam, k1, k2, v, visible, qk_scale, do_scale,
+                             MASKED, DOT_PRECISION)
+    return dq1, dq2
+
+
+@triton.jit
+def _dq_block(dq1, dq2, q1, q2, do, lse1, lse2, d1, d2, lam, k1, k2, v, visible, qk_scale, do_scale,
+              MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block's share of a query block's dQ1, dQ2 (the dense and the varlen backward both fold with it):
+    recompute P1, P2 from the saved log2-domain LSEs, dP = dO·Vᵀ shared by both maps, dS1 = P1(dP − Δ1),
+    dS2 = −λP2(dP − Δ2). With MASKED, keys outside `visible` get p = 0 (the caller builds the mask)."""
+    p1 = tl.math.exp2(tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION) * qk_scale - lse1[:, None])
+    p2 = tl.math.exp2(tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
+    if MASKED:
+        p1 = tl.where(visible, p1, 0.0)
+        p2 = tl.where(visible, p2, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) * do_scale
+    ds1 = p1 * (dp - d1[:, None])
+    ds2 = -lam[:, None] * p2 * (dp - d2[:, None])
+    dq1 = tl.dot(ds1.to(k1.dtype), k1, dq1, input_precision=DOT_PRECISION)
+    dq2 = tl.dot(ds2.to(k2.dtype), k2, dq2, input_precision=DOT_PRECISION)
     return dq1, dq2
 
 

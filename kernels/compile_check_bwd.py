@@ -10,7 +10,7 @@ of their width.
 
 --rows compiles the given rows (BLOCK_MxBLOCK_NxWARPS[xSTAGES][s], trailing "s" = SPLIT) instead of the lists of
 kernels/configs.py (candidate sweeps). Run it with Triton 3.6 (the GPU image's) as
-`PYTHONPATH=/work/triton36:. python -m kernels.compile_check_bwd ...`.
+`PYTHONPATH=<triton-3.6 dir>:. python -m kernels.compile_check_bwd ...` (README, Tests: the side install).
 """
 
 from __future__ import annotations

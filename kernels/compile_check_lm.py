@@ -3,7 +3,7 @@ sm_80 and sm_90, without a GPU: every config of kernels/configs_lm.py, with ptxa
 memory, as `kernels.compile_check` does for the dense kernels (its ptxas and MMA readers are reused).
 
     python -m kernels.compile_check_lm                      # table
-    PYTHONPATH=/work/triton36:. python -m kernels.compile_check_lm   # the same with a side-installed Triton 3.6
+    PYTHONPATH=<triton-3.6 dir>:. python -m kernels.compile_check_lm   # with Triton 3.6 side-installed (README)
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from . import alloc
 from .bwd_pre import _bwd_preprocess_kernel
+from .bwd_steps import _dq_block
 from .configs import cdiv, device_sm, pre_block_m
 from .configs_lm import lm_config
 from .fwd import LOG2E, dot_precision
@@ -149,19 +150,11 @@ def _dq_steps(dq1, dq2, q1, q2, do, lse1, lse2, d1, d2, lam, offs_m, k_base, str
     for start_n in range(lo, hi, BLOCK_N):
         k1, k2, v, offs_n, key_ok = _load_k_block(k_base, stride_kh, stride_kt, v_base, stride_vt, start_n, lk,
                                                   MASKED, HEAD_DIM, BLOCK_N)
-        p1 = tl.math.exp2(tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION) * qk_scale - lse1[:, None])
-        p2 = tl.math.exp2(tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
-        if MASKED:
-            visible = key_ok[None, :]
-            if CAUSAL:
-                visible = visible & ((offs_m[:, None] + shift) >= offs_n[None, :])
-            p1 = tl.where(visible, p1, 0.0)
-            p2 = tl.where(visible, p2, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) * do_scale
-        ds1 = p1 * (dp - d1[:, None])
-        ds2 = -lam[:, None] * p2 * (dp - d2[:, None])
-        dq1 = tl.dot(ds1.to(k1.dtype), k1, dq1, input_precision=DOT_PRECISION)
-        dq2 = tl.dot(ds2.to(k2.dtype), k2, dq2, input_precision=DOT_PRECISION)
+        visible = key_ok[None, :]
+        if CAUSAL:  # bottom-right aligned: row r sees keys up to r + shift
+            visible = visible & ((offs_m[:, None] + shift) >= offs_n[None, :])
+        dq1, dq2 = _dq_block(dq1, dq2, q1, q2, do, lse1, lse2, d1, d2, lam, k1, k2, v, visible, qk_scale, do_scale,
+                             MASKED, DOT_PRECISION)
     return dq1, dq2
 
 

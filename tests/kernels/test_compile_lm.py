@@ -2,7 +2,7 @@
 forward, its inference variant, varlen dK/dV and dQ, decode split at each BLOCK_M it can pick, decode combine) is
 compiled ahead of time for sm_80 and sm_90 (fp16, bf16, fp32; d = 16, 32, 64, 128). Shared memory must fit and
 ptxas must report no spills. Runs `python -m kernels.compile_check_lm --json` once, without TRITON_INTERPRET; with
-DIFF_ATTN_TRITON36=/path (a side-installed Triton 3.6, e.g. /work/triton36) the same check also runs on it.
+DIFF_ATTN_TRITON36=/path (a folder with Triton 3.6 side-installed: `pip install --target DIR --no-deps triton==3.6.0`) the same check also runs on it.
 """
 
 import json
