@@ -60,7 +60,7 @@ setup(
         "lm": LM,
         "dev": CLIP + EVAL + TRAIN + TEST + BENCH + LM,
     },
-    entry_points={"console_scripts": ["diffclip = diffclip.cli:main"]},
+    entry_points={"console_scripts": ["diffclip = diffclip.cli:entry"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Operating System :: POSIX :: Linux",

@@ -1,7 +1,5 @@
 """`python -m diffclip ...`: the `diffclip` command line (also under torchrun)."""
 
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

@@ -9,6 +9,7 @@ one line and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .commands import convert, embed, eval as eval_command, explain, train, zero_shot
@@ -40,8 +41,27 @@ def main(argv=None) -> int:
             import torch.distributed as dist
 
             if dist.is_available() and dist.is_initialized():
+                global _distributed_ran
+                _distributed_ran = True
                 dist.destroy_process_group()
 
 
+_distributed_ran = False
+
+
+def entry() -> None:
+    """The process entry (`diffclip`, `python -m diffclip`, torchrun): `main`, then exit with its status. After a
+    torchrun run the process ends with os._exit once its output is flushed: c10d/gloo threads still being torn down
+    at interpreter shutdown can otherwise abort the process ("terminate called without an active exception",
+    SIGABRT) after it has printed its one-line error, replacing exit status 2 with a signal (seen under load on
+    the 2-core CI machine). Everything the command writes is closed and renamed into place before main returns."""
+    code = main()
+    if _distributed_ran:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
