@@ -31,6 +31,7 @@ def test_device_check_dry_run(tmp_path):
     # the reduced config sweep ran, both passes (smoke shape on CPU)
     assert op["sweep"] and all(r["ms"] and r["ms_repeat"] for r in op["sweep"])
     assert all("host_ms" in r and "speedup_vs_best" in r for r in op["rows"])
+    assert "warmed 1 cases" in (tmp_path / "bench_diff_attn.log").read_text()  # the cache was warmed first
     head = (tmp_path / "bench_diff_attn.log").read_text().splitlines()[:3]  # the environment heads the op log
     assert any(line.startswith("torch ") and "triton" in line for line in head), head
     model = json.loads((tmp_path / "bench_model.json").read_text())

@@ -298,3 +298,14 @@ def test_sweep_gives_no_time_to_a_config_that_fails_the_check(monkeypatch):
     rows = sweep.run_sweep(sweep.SMOKE, "fp32", torch.device("cpu"))
     assert rows and all(r["ms"] is None and r["skipped"].startswith("RuntimeError: output check failed")
                         for r in rows), rows
+
+
+def test_warm_cache_covers_every_triton_case_of_the_device_plan():
+    """device_check compiles the plan's kernels in parallel before timing (the first run spent its op budget
+    compiling): every shape of the plan, with each backward form the plan times."""
+    from benchmarks import warm_cache
+
+    todo = warm_cache.tasks(smoke=False)
+    for shape, _, providers_ in bench_diff_attn.DEVICE_CHECK:
+        forms = {"separate"} | {p.removeprefix("triton-bwd-") for p in providers_ if p.startswith("triton-bwd-")}
+        assert {t[-1] for t in todo if t[:6] == shape} == forms, shape
