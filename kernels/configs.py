@@ -116,17 +116,26 @@ def _fixed_row(kernel: str, p: Problem) -> triton.Config:
     return next((r for r in rows if r.key == winner), rows[0]).config()
 
 
-def fwd_may_split(p: Problem) -> bool:
+def fwd_may_split(p: Problem, recorded: "triton.Config | None" = None) -> bool:
     """Whether a forward launch for `p` may run a SPLIT row, which needs its fp32 scratch buffer: the forced config
-    says so; otherwise a fitting SPLIT row does (autotuning) or the fixed row is one (fixed mode). The interpreter's
-    own config is not SPLIT."""
+    says so; otherwise the config autotuning recorded for the launch's key (`recorded_config`) does, and before the
+    key is tuned any fitting SPLIT row does (autotuning may pick it); in fixed mode the fixed row. The interpreter's
+    own config is not SPLIT. (So after tuning, a key whose choice is a fused row allocates no scratch.)"""
     if "fwd" in _forced:
         return bool(_forced["fwd"].kwargs.get("SPLIT"))
     if interpreter_enabled():
         return False
     if deterministic_enabled() or not autotune_enabled():
         return bool(_fixed_row("fwd", p).kwargs.get("SPLIT"))
+    if recorded is not None:
+        return bool(recorded.kwargs.get("SPLIT"))
     return _has_split_row(p)
+
+
+def recorded_config(kernel: str, autotuned, args, kwargs) -> "triton.Config | None":
+    """The config autotuning recorded for this launch's key (see `launch`), or None before the key is tuned."""
+    tuned = _TUNED[kernel].get(tune_key(autotuned, args, kwargs))
+    return tuned[0] if tuned is not None else None
 
 
 @functools.lru_cache(maxsize=4096)

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import alloc
 from .configs import (PRUNE, Problem, autotune_configs, cdiv, device_sm, fwd_may_split, grid_bucket, launch,
-                      seqlen_bucket)
+                      recorded_config, seqlen_bucket)
 from .runtime import device_guard
 
 LOG2E = 1.4426950408889634
@@ -292,20 +292,23 @@ def diff_attn_fwd(q, k, v, lam_bhn, norm_weight, *, causal, scale, norm_eps, out
             o_pre = alloc.empty(B, H, N, 2 * d, dtype=q.dtype, device=q.device)
 
     problem = Problem(d, q.element_size(), causal, N, device_sm(q.device))
-    # The SPLIT form's fp32 scratch (map 2's accumulator), allocated only when a SPLIT row may run for this problem.
-    o2f = alloc.empty(B, H, N, 2 * d, dtype=torch.float32, device=q.device) if fwd_may_split(problem) else None
 
     def grid(meta):
         return (cdiv(N, meta["BLOCK_M"]) * B * H,)
 
-    args = (
-        q, k, v, lam_bhn, norm_weight, out, lse, o2, o_pre, o2f,
+    args = [
+        q, k, v, lam_bhn, norm_weight, out, lse, o2, o_pre, None,  # [9]: the SPLIT scratch, decided below
         *q.stride(), *k.stride(), *v.stride(), *lam_bhn.stride(), *out.stride(),
         norm_weight.stride(0) if norm_weight is not None else 0,
         H, N, seqlen_bucket(N), grid_bucket(B, H, N), scale * LOG2E, norm_eps, out_scale,
-    )
+    ]
     kwargs = dict(HEAD_DIM=d, CAUSAL=causal, HAS_NORM=norm_weight is not None, SAVE_FOR_BWD=save_for_bwd,
                   DOT_PRECISION=dot_precision(q.dtype), ARCH=problem.sm)
+    # The SPLIT form's fp32 scratch (map 2's accumulator, B·H·N·2d fp32: 268 MB at B=4 H=16 N=4096 d=64), allocated
+    # only when a SPLIT row may run: once this key is tuned, only if the tuned row is one.
+    if fwd_may_split(problem) and fwd_may_split(problem, recorded_config("fwd", _diff_attn_fwd, args, kwargs)):
+        args[9] = alloc.empty(B, H, N, 2 * d, dtype=torch.float32, device=q.device)
+    args = tuple(args)
     with device_guard(q.device):
         launch("fwd", _diff_attn_fwd, grid, args, kwargs, problem)
     return out, lse, o2, o_pre

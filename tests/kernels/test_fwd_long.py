@@ -146,5 +146,8 @@ def test_split_scratch_only_when_a_split_row_may_run(monkeypatch):
     monkeypatch.delenv("DIFF_ATTN_DETERMINISTIC", raising=False)
     assert configs.fwd_may_split(long) and not configs.fwd_may_split(short)
     assert not configs.fwd_may_split(configs.Problem(64, 2, False, 4096, 80))
+    # once the key is tuned, the recorded choice decides: a fused row needs no 268 MB scratch, a SPLIT one does
+    fused_cfg = next(r for r in LONG_ROWS if not r.split).config()
+    assert not configs.fwd_may_split(long, fused_cfg) and configs.fwd_may_split(long, split_cfg)
     monkeypatch.setenv("DIFF_ATTN_AUTOTUNE", "0")  # the fixed row (the measured 128x32 winner) is not SPLIT
     assert not configs.fwd_may_split(long)
