@@ -64,7 +64,7 @@ def config_key(cfg: triton.Config) -> tuple:
 
 # Rows of the one-launch backward forms (kernels/bwd_fused.py; see `bwd_form`): BLOCK_N keys per program with
 # BLOCK_M-query steps for dK/dV, then (fused) BLOCK_N query rows with BLOCK_M-key steps for dQ. From a ptxas sweep with
-# Triton 3.6 and 3.8 (NOTES 2026-12-02): the fused causal kernel has four loop bodies (dK/dV diagonal and rest, dQ
+# Triton 3.6 and 3.8 (NOTES 2026-12-01): the fused causal kernel has four loop bodies (dK/dV diagonal and rest, dQ
 # rest and diagonal) and spills with every wgmma row at d=64, so its wgmma rows are non-causal only (`_FULL_ONLY`).
 FUSED_ROWS = [
     _dkdv(32, 64, 8, 2, _D64, min_sm=90),  # wgmma (dK/dV n64/n128 products, QKᵀ/dP n32/n16)
@@ -101,7 +101,7 @@ _FULL_ONLY = {("fused", (32, 64, 8, 2, False)), ("fused", (16, 128, 8, 2, False)
 # Long sequences (N >= LONG, issue 17): 128-row blocks with 64/128-key blocks, through the wider fused row or the
 # one-accumulator SPLIT form (kernels/fwd.py), which halves the accumulator registers. Rows whose small blocks
 # re-read K/V per 32 rows or take narrow key blocks are retired there, so that no problem times more than 5 rows
-# (benchmarks/roofline_fwd.py has the reasoning; benchmarks/NOTES.md 2026-12-02 the predictions). Hopper-only:
+# (benchmarks/roofline_fwd.py has the reasoning; benchmarks/NOTES.md 2026-12-01 the predictions). Hopper-only:
 # every long row is wgmma and ptxas-clean on sm_90 with Triton 3.6 and 3.8.
 LONG = 1024
 _SHORT = LONG - 1
