@@ -24,13 +24,8 @@
 # Without a CUDA device it runs as a dry run (Triton interpreter, --smoke sizes, a few CPU tests) so that the
 # script's own plumbing is tested in CI before device time is spent on it.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUTDIR="${1:-${OUT:-benchmarks/results/latest}}"
-mkdir -p "$OUTDIR"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY="${PYTHON:-python}"  # the interpreter with torch and Triton
+source "$(dirname "$0")/device_env.sh"  # OUTDIR, PY, SMOKE (dry run without CUDA)
 status=0
-SMOKE=()
 # Step limits in seconds (the sum is 415 s; a step that ignores SIGINT is killed 10 s after its limit).
 T_WARM=60 T_OP=110 T_MODEL=120 T_PROFILE=25 T_TESTS=75
 export DIFFCLIP_TEST_TIMEOUT_S="${DIFFCLIP_TEST_TIMEOUT_S:-60}"
@@ -49,12 +44,7 @@ TEST_FILTER+=" or capture_at_unseen_batch or same_bits_with_and_without_saved_st
 TEST_FILTER+=" or double_backward or zero_gradients"
 # The long-sequence forward rows on a GPU (the SPLIT form hands O2 between threads through global memory).
 TEST_FILTER+=" or test_fwd_long) and not test_model_smoke"  # (the smoke compiles ViT-B 6 times)
-if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "!! no CUDA device: dry run (interpreter, smoke sizes); these numbers mean nothing"
-    export TRITON_INTERPRET=1
-    SMOKE=(--smoke)
-    TEST_FILTER="deterministic"
-fi
+if [ ${#SMOKE[@]} -gt 0 ]; then TEST_FILTER="deterministic"; fi  # dry run: a few CPU tests
 
 # step NAME LIMIT LOG COMMAND...: run with `timeout -s INT`, output appended to LOG (its tail to the console).
 step() {

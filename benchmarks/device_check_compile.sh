@@ -9,17 +9,7 @@
 #
 # Without a CUDA device: a dry run (tiny model, aot_eager) that tests the plumbing in CI.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUTDIR="${1:-${OUT:-benchmarks/results/latest}}"
-mkdir -p "$OUTDIR"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY="${PYTHON:-python}"
-SMOKE=()
-if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "!! no CUDA device: dry run (interpreter, smoke sizes); these numbers mean nothing"
-    export TRITON_INTERPRET=1
-    SMOKE=(--smoke)
-fi
+source "$(dirname "$0")/device_env.sh"  # OUTDIR, PY, SMOKE (dry run without CUDA)
 timeout -s INT -k 15 540 "$PY" -m benchmarks.bench_model --dtypes bf16 --image-batches 256 --text-batch 256 \
     --train-batch 128 --backends sdpa,triton,plain-clip,sdpa+compile,triton+compile,plain-clip+compile \
     --json "$OUTDIR/bench_model_compile.json" "${SMOKE[@]}" > "$OUTDIR/bench_model_compile.log" 2>&1

@@ -9,17 +9,7 @@
 #
 # Without a CUDA device: a dry run (interpreter, the smoke sweep) that tests the plumbing in CI.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUTDIR="${1:-${OUT:-benchmarks/results/latest}}"
-mkdir -p "$OUTDIR"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY="${PYTHON:-python}"
-SMOKE=()
-if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "!! no CUDA device: dry run (interpreter, smoke sizes); these numbers mean nothing"
-    export TRITON_INTERPRET=1
-    SMOKE=(--smoke)
-fi
+source "$(dirname "$0")/device_env.sh"  # OUTDIR, PY, SMOKE (dry run without CUDA)
 # Compile the rows in parallel first (Triton's on-disk cache is shared; N = 1024/4096/8192 share one specialisation).
 timeout -s INT -k 10 60 "$PY" -m benchmarks.warm_cache "${SMOKE[@]}" > "$OUTDIR/sweep.log" 2>&1
 timeout -s INT -k 15 480 "$PY" -m benchmarks.bench_diff_attn --sweep long --sweep-only --sweep-budget-s 420 \

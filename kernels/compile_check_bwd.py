@@ -16,15 +16,14 @@ kernels/configs.py (candidate sweeps). Run it with Triton 3.6 (the GPU image's) 
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import json
-import re
 
 import triton
 
 from . import configs
-from .compile_check import SMEM_LIMIT, _aligned_strides, _bwd_signature, _compile, compile_bwd, mma_kind, ptxas_report
+from .compile_check import (SMEM_LIMIT, _aligned_strides, _bwd_signature, _compile, compile_bwd, mma_kind,
+                            mma_shapes, ptxas_report)
 from .runtime import interpreter_enabled
 
 KERNELS = ("dkdv", "dq", "fused", "atomic")
@@ -43,18 +42,11 @@ class BwdCompileResult:
     spill_stores: int
     spill_loads: int
     mma: str
-    wgmma: str  # "m64n64k16 x6, m64n16k16 x32": wgmma sites per instruction shape
+    mma_shapes: str  # instruction shapes with their site counts, as compile_check reports them (`mma_shapes`)
 
     @property
     def clean(self) -> bool:
         return self.spill_stores == 0 and self.spill_loads == 0 and self.shared <= SMEM_LIMIT[self.arch]
-
-
-def wgmma_shapes(ptx: str) -> str:
-    """wgmma sites per shape in the PTX, widest n first."""
-    counts = collections.Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))
-    order = sorted(counts, key=lambda s: -int(re.search(r"n(\d+)", s).group(1)))
-    return ", ".join(f"{s} x{counts[s]}" for s in order)
 
 
 def compile_fused(arch, dtype, head_dim, causal, cfg, atomic):
@@ -75,7 +67,7 @@ def compile_one(kernel, arch, dtype, head_dim, causal, cfg) -> BwdCompileResult:
     ptx = compiled.asm["ptx"]
     regs, stores, loads = ptxas_report(ptx, arch)
     return BwdCompileResult(kernel, arch, dtype, head_dim, causal, configs.describe(cfg), compiled.metadata.shared,
-                            regs, stores, loads, mma_kind(ptx), wgmma_shapes(ptx))
+                            regs, stores, loads, mma_kind(ptx), mma_shapes(ptx))
 
 
 def parse_row(text: str) -> triton.Config:
@@ -132,7 +124,7 @@ def main(argv=None):
           f"{'spills':9} {'mma':8} wgmma shapes")
     for r in results:
         print(f"{r.kernel:7} {r.arch:>3} {r.dtype:5} {r.head_dim:>4} {str(r.causal):6} {r.config:34} {r.shared:>7} "
-              f"{r.registers:>4} {f'{r.spill_stores}/{r.spill_loads}':9} {r.mma:8} {r.wgmma}", flush=True)
+              f"{r.registers:>4} {f'{r.spill_stores}/{r.spill_loads}':9} {r.mma:8} {r.mma_shapes}", flush=True)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,19 @@ def _finite_float(name: str, x, *, positive: bool = False) -> float:
     return x
 
 
+def check_norm_weight(norm_weight, d: int, device: torch.device, q_name: str = "q") -> None:
+    """The RMS-norm epilogue's weight, when given: a floating (2d,) tensor on the inputs' device (any strides)."""
+    if norm_weight is None:
+        return
+    _require_tensor("norm_weight", norm_weight)
+    if norm_weight.shape != (2 * d,):
+        raise ValueError(f"norm_weight must have shape (2d,)=({2 * d},), got {tuple(norm_weight.shape)}")
+    if not norm_weight.is_floating_point():
+        raise TypeError(f"norm_weight must be floating point, got {norm_weight.dtype}")
+    if norm_weight.device != device:
+        raise ValueError(f"norm_weight is on {norm_weight.device} but {q_name} is on {device}")
+
+
 def check_cpu_lam_finite(lam: torch.Tensor) -> None:
     """A non-finite λ on the CPU is an error. On an accelerator this check would cost a host sync per call; there a
     non-finite λ shows as non-finite outputs instead (documented in diff_attn's docstring). (Its own function so
@@ -154,14 +167,7 @@ def check_diff_attn_args(q, k, v, lam, *, causal, scale, norm_weight, norm_eps, 
     scale = d**-0.5 if scale is None else _finite_float("scale", scale, positive=True)
     _finite_float("norm_eps", norm_eps, positive=True)
     _finite_float("out_scale", out_scale)
-    if norm_weight is not None:
-        _require_tensor("norm_weight", norm_weight)
-        if norm_weight.shape != (2 * d,):
-            raise ValueError(f"norm_weight must have shape (2d,)=({2 * d},), got {tuple(norm_weight.shape)}")
-        if not norm_weight.is_floating_point():
-            raise TypeError(f"norm_weight must be floating point, got {norm_weight.dtype}")
-        if norm_weight.device != q.device:
-            raise ValueError(f"norm_weight is on {norm_weight.device} but q is on {q.device}")
+    check_norm_weight(norm_weight, d, q.device)
     # λ stays in fp32 (fp64 only when the inputs are fp64, for the float64 reference evaluation).
     lam_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return DiffAttnArgs(B, H, N, d, scale, _lam_to_3d(lam, B, H, N, lam_dtype, q.device))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .validate import (KERNEL_DTYPES, KERNEL_HEAD_DIMS, MAX_TILE_STRIDE, _finite_float, _lam_to_3d,
+from .validate import (KERNEL_DTYPES, KERNEL_HEAD_DIMS, MAX_TILE_STRIDE, _finite_float, _lam_to_3d, check_norm_weight,
                        _require_tensor)
 
 
@@ -65,14 +65,7 @@ def _common(q, k, v, *, scale, norm_weight, norm_eps, out_scale, for_kernel, nam
     scale = d**-0.5 if scale is None else _finite_float("scale", scale, positive=True)
     _finite_float("norm_eps", norm_eps, positive=True)
     _finite_float("out_scale", out_scale)
-    if norm_weight is not None:
-        _require_tensor("norm_weight", norm_weight)
-        if norm_weight.shape != (2 * d,):
-            raise ValueError(f"norm_weight must have shape (2d,)=({2 * d},), got {tuple(norm_weight.shape)}")
-        if not norm_weight.is_floating_point():
-            raise TypeError(f"norm_weight must be floating point, got {norm_weight.dtype}")
-        if norm_weight.device != q.device:
-            raise ValueError(f"norm_weight is on {norm_weight.device} but {qn} is on {q.device}")
+    check_norm_weight(norm_weight, d, q.device, qn)
     return H2 // 2, Hkv2 // 2, d, scale
 
 
