@@ -52,18 +52,30 @@ def diff_attn_varlen(q, k, v, lam, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
                       scale=args.scale, norm_eps=float(norm_eps), out_scale=float(out_scale), save_for_bwd=False)[0]
 
 
-def diff_attn_decode(q, k_cache, v_cache, lam, *, cache_seqlens, scale=None, norm_weight=None, norm_eps=1e-5,
-                     out_scale=1.0, num_splits=None):
+def diff_attn_decode(q, k_cache, v_cache, lam, *, cache_seqlens, cache_leftpad=None, head_layout="interleaved",
+                     scale=None, norm_weight=None, norm_eps=1e-5, out_scale=1.0, num_splits=None):
     """Differential attention of a few new queries against a KV cache (FlashDecoding), GQA-native; forward only.
 
     Args:
         q: (B, 2H, Nq, d), the last Nq positions of each sequence (Nq small: 1 for greedy decoding).
-        k_cache: (B, 2Hkv, Nmax, d), v_cache: (B, Hkv, Nmax, 2d); H % Hkv == 0; read in place (last dim
-            contiguous, other strides free: a slice of a larger cache is fine).
+        k_cache: (B, 2Hkv, Nmax, d); v_cache: (B, Hkv, Nmax, 2d) (interleaved) or (B, 2Hkv, Nmax, d) (halves);
+            H % Hkv == 0; read in place (last dim contiguous, other strides free: a slice of a larger cache is fine).
         lam: a number, 0-d tensor, (H,) tensor or a tensor broadcastable to (B, H, Nq).
-        cache_seqlens: (B,) int32 on q's device, valid cache entries per sequence, the new queries' own keys
-            included (Nq <= cache_seqlens[b] <= Nmax; not checked on CUDA, see kernels/validate_lm.py). Query i
-            sits at position cache_seqlens[b] - Nq + i and sees keys up to it (causal).
+        cache_seqlens: (B,) int32 on q's device, the end of sequence b's valid cache entries, the new queries' own
+            keys included (Nq <= cache_seqlens[b] <= Nmax). Query i sits at position cache_seqlens[b] - Nq + i and
+            sees the valid keys up to it (causal).
+        cache_leftpad: None or (B,) int32 on q's device (flash_attn_with_kvcache's convention): sequence b's valid
+            keys start there, [cache_leftpad[b], cache_seqlens[b]); the entries before it (the left padding of a
+            Hugging Face batch) are never read. 0 <= cache_leftpad[b] <= cache_seqlens[b]: a new query whose
+            position lies before cache_leftpad[b] (a pad among the new tokens) sees no key and outputs 0. The
+            contents of cache_seqlens and cache_leftpad are checked on CPU only (on CUDA it would cost a host sync;
+            see kernels/validate_lm.py).
+        head_layout: which heads form a pair (no copy either way; the kernel reads them through strides):
+            "interleaved": diff-head h = query heads 2h, 2h+1; group g = key heads 2g, 2g+1 and value head g
+                of width 2d.
+            "halves" (transformers' DiffLlama): diff-head h = query heads h, h+H; group g = key heads g, g+Hkv;
+                v_cache (B, 2Hkv, Nmax, d), group g's value is cat(v_cache[:, g], v_cache[:, g+Hkv], -1).
+            Diff-head h uses group h // (H / Hkv) in both layouts.
         scale, norm_weight, norm_eps, out_scale: as `kernels.diff_attn`.
         num_splits: split the key length into this many chunks per (sequence, group) (FlashDecoding); None picks
             enough to fill the GPU. The partial results are merged exactly (log-sum-exp), so any value gives the
@@ -73,7 +85,8 @@ def diff_attn_decode(q, k_cache, v_cache, lam, *, cache_seqlens, scale=None, nor
         (B, H, Nq, 2d) in q's dtype (a transposed view of a (B, Nq, H, 2d) buffer). No autograd.
     """
     args = check_decode_args(q, k_cache, v_cache, lam, cache_seqlens, scale=scale, norm_weight=norm_weight,
-                             norm_eps=norm_eps, out_scale=out_scale, for_kernel=True)
+                             norm_eps=norm_eps, out_scale=out_scale, for_kernel=True, cache_leftpad=cache_leftpad,
+                             head_layout=head_layout)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or num_splits < 1):
         raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
@@ -81,4 +94,5 @@ def diff_attn_decode(q, k_cache, v_cache, lam, *, cache_seqlens, scale=None, nor
     from .decode import decode_fwd
 
     return decode_fwd(q, k_cache, v_cache, args.lam, norm_weight, cache_seqlens, scale=args.scale,
-                      norm_eps=float(norm_eps), out_scale=float(out_scale), num_splits=num_splits)
+                      norm_eps=float(norm_eps), out_scale=float(out_scale), num_splits=num_splits,
+                      cache_leftpad=cache_leftpad, head_layout=head_layout)
