@@ -1,14 +1,16 @@
 """Public entry points of the language-model forms: `diff_attn_varlen` (forward and backward) and
 `diff_attn_decode` (forward). Validate, then launch; Triton is imported only when a kernel is called.
 
-Eager only for now: unlike `kernels.diff_attn` these are not registered as torch.library ops, so torch.compile
-graph-breaks around them rather than tracing them.
+Like `kernels.diff_attn`, both work under torch.compile(fullgraph=True): traced calls (torch.compile, export,
+make_fx, fake tensors) go through the torch.library ops of kernels/ops_lm.py, eager calls through the same
+functions without the op dispatch (less host time, the same bits).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .api import _traced
 from .runtime import require_triton
 from .validate_lm import check_decode_args, check_varlen_args
 
@@ -32,24 +34,25 @@ def diff_attn_varlen(q, k, v, lam, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
         scale, norm_weight, norm_eps, out_scale: as `kernels.diff_attn`.
 
     Returns:
-        (total_q, H, 2d) in q's dtype. Differentiable in q, k, v, λ (tensor) and norm_weight (once); dK and dV
-        are summed over each group's diff-heads by one program per key block (deterministic, no atomics).
+        (total_q, H, 2d) in q's dtype. Differentiable in q, k, v, λ (tensor) and norm_weight, once (a second
+        derivative raises a RuntimeError naming `kernels.diff_attn_varlen_reference`); dK and dV are summed over
+        each group's diff-heads by one program per key block (deterministic, no atomics). Works under
+        torch.compile(fullgraph=True), forward and backward (kernels/ops_lm.py).
     """
     args = check_varlen_args(q, k, v, lam, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                              scale=scale, norm_weight=norm_weight, norm_eps=norm_eps, out_scale=out_scale,
                              for_kernel=True)
     require_triton(q.device)
-    from .varlen_bwd import VarlenFunction
+    from . import ops_lm  # registers the torch.ops.diffattn LM ops; imports Triton
 
     call = (q, k, v, args.lam, norm_weight, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
             args.scale, float(norm_eps), float(out_scale))
     leaves = (q, k, v, args.lam) + ((norm_weight,) if norm_weight is not None else ())
-    if torch.is_grad_enabled() and any(t.requires_grad for t in leaves):
-        return VarlenFunction.apply(*call)
-    from .varlen import varlen_fwd
-
-    return varlen_fwd(q, k, v, args.lam, norm_weight, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal=causal,
-                      scale=args.scale, norm_eps=float(norm_eps), out_scale=float(out_scale), save_for_bwd=False)[0]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in leaves)
+    if _traced(leaves + (cu_seqlens_q, cu_seqlens_k)):
+        return (torch.ops.diffattn.diff_attn_varlen(*call)[0] if grad
+                else torch.ops.diffattn.diff_attn_varlen_inference(*call))
+    return ops_lm.VarlenFunction.apply(*call) if grad else ops_lm.eager_varlen_inference(*call)
 
 
 def diff_attn_decode(q, k_cache, v_cache, lam, *, cache_seqlens, cache_leftpad=None, head_layout="interleaved",
@@ -82,7 +85,8 @@ def diff_attn_decode(q, k_cache, v_cache, lam, *, cache_seqlens, cache_leftpad=N
             same result up to fp32 rounding.
 
     Returns:
-        (B, H, Nq, 2d) in q's dtype (a transposed view of a (B, Nq, H, 2d) buffer). No autograd.
+        (B, H, Nq, 2d) in q's dtype (a transposed view of a (B, Nq, H, 2d) buffer). No autograd. Works under
+        torch.compile(fullgraph=True) (kernels/ops_lm.py).
     """
     args = check_decode_args(q, k_cache, v_cache, lam, cache_seqlens, scale=scale, norm_weight=norm_weight,
                              norm_eps=norm_eps, out_scale=out_scale, for_kernel=True, cache_leftpad=cache_leftpad,
@@ -91,8 +95,14 @@ def diff_attn_decode(q, k_cache, v_cache, lam, *, cache_seqlens, cache_leftpad=N
                                    or num_splits < 1):
         raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
     require_triton(q.device)
-    from .decode import decode_fwd
+    from . import ops_lm  # registers the torch.ops.diffattn LM ops; imports Triton
 
-    return decode_fwd(q, k_cache, v_cache, args.lam, norm_weight, cache_seqlens, scale=args.scale,
-                      norm_eps=float(norm_eps), out_scale=float(out_scale), num_splits=num_splits,
-                      cache_leftpad=cache_leftpad, head_layout=head_layout)
+    tensors = (q, k_cache, v_cache, args.lam, cache_seqlens) + tuple(
+        t for t in (norm_weight, cache_leftpad) if t is not None)
+    if _traced(tensors):
+        return torch.ops.diffattn.diff_attn_decode(q, k_cache, v_cache, args.lam, norm_weight, cache_seqlens,
+                                                   cache_leftpad, head_layout, args.scale, float(norm_eps),
+                                                   float(out_scale), num_splits)
+    return ops_lm.decode_fwd(q, k_cache, v_cache, args.lam, norm_weight, cache_seqlens, scale=args.scale,
+                             norm_eps=float(norm_eps), out_scale=float(out_scale), num_splits=num_splits,
+                             cache_leftpad=cache_leftpad, head_layout=head_layout)

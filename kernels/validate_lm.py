@@ -38,8 +38,11 @@ class LmArgs:
     lam: torch.Tensor  # varlen: 2-d, broadcastable to (total_q, H); decode: 3-d, broadcastable to (B, H, Nq)
 
 
-def _common(q, k, v, *, scale, norm_weight, norm_eps, out_scale, for_kernel, names, feat_dims, v_halves=False):
+def _common(q, k, v, *, scale, norm_weight, norm_eps, out_scale, for_kernel, names, feat_dims, tile_dims,
+            v_halves=False):
     """dtype/device/head-count checks shared by both forms; q, k, v have heads at dim -2 (varlen) or 1 (decode).
+    tile_dims: the dims whose strides enter the kernels' 32-bit in-tile offsets (tokens and features: varlen
+    (0, 2), decode (2, 3)); batch and head strides go into 64-bit bases and are free.
     v_halves: v has k's head count and width d (decode's head_layout="halves") instead of half of it and 2d."""
     qn, kn, vn = names
     hq, hk, hv = feat_dims
@@ -69,9 +72,9 @@ def _common(q, k, v, *, scale, norm_weight, norm_eps, out_scale, for_kernel, nam
         if d not in KERNEL_HEAD_DIMS:
             raise ValueError(f"head dim d ({qn}.shape[-1]) must be one of {KERNEL_HEAD_DIMS}, got {d}")
         for name, x in zip(names, (q, k, v)):
-            if max(x.stride()[1:], default=0) > MAX_TILE_STRIDE:
+            if max(x.stride(t) for t in tile_dims) > MAX_TILE_STRIDE:
                 raise ValueError(f"{name} has strides {tuple(x.stride())}: the kernel's in-tile offsets are 32-bit "
-                                 f"(strides past the first dim at most 2^22); pass {name}.contiguous()")
+                                 f"(strides of dims {tile_dims} at most 2^22); pass {name}.contiguous()")
             if x.stride(-1) != 1 and x.numel() > 0:
                 raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got {tuple(x.stride())}")
     scale = d**-0.5 if scale is None else _finite_float("scale", scale, positive=True)
@@ -108,7 +111,8 @@ def check_varlen_args(q, k, v, lam, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if k.shape[0] != v.shape[0]:
         raise ValueError(f"k and v must have the same number of tokens total_k, got {k.shape[0]} and {v.shape[0]}")
     H, Hkv, d, scale = _common(q, k, v, scale=scale, norm_weight=norm_weight, norm_eps=norm_eps,
-                               out_scale=out_scale, for_kernel=for_kernel, names=("q", "k", "v"), feat_dims=(1, 1, 1))
+                               out_scale=out_scale, for_kernel=for_kernel, names=("q", "k", "v"), feat_dims=(1, 1, 1),
+                               tile_dims=(0, 2))
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     _int_vector("cu_seqlens_q", cu_seqlens_q, None, q.device)
@@ -183,7 +187,7 @@ def check_decode_args(q, k_cache, v_cache, lam, cache_seqlens, *, scale, norm_we
         raise ValueError(f"k_cache and v_cache must have one length Nmax, got {k_cache.shape[2]}, {v_cache.shape[2]}")
     H, Hkv, d, scale = _common(q, k_cache, v_cache, scale=scale, norm_weight=norm_weight, norm_eps=norm_eps,
                                out_scale=out_scale, for_kernel=for_kernel, names=("q", "k_cache", "v_cache"),
-                               feat_dims=(1, 1, 1), v_halves=halves)
+                               feat_dims=(1, 1, 1), tile_dims=(2, 3), v_halves=halves)
     if for_kernel and halves and Hkv * v_cache.stride(1) > MAX_V_SPLIT:
         raise ValueError(f"v_cache has strides {tuple(v_cache.stride())}: with head_layout='halves' the offset "
                          f"between a group's value halves (Hkv·stride(1) = {Hkv * v_cache.stride(1)}) must be at "

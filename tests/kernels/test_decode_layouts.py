@@ -128,3 +128,16 @@ def test_decode_layout_and_leftpad_bad_arguments_name_the_argument(over, exc, ne
     with pytest.raises(exc) as info:
         diff_attn_decode(args.pop("q"), args.pop("k_cache"), args.pop("v_cache"), args.pop("lam"), **args)
     assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "halves"])
+def test_decode_takes_caches_whose_head_stride_passes_2_pow_22(layout, poison):
+    """A contiguous cache of Nmax·2d > 2^22 elements per head (Llama-like: 16k+ tokens at d = 128): head strides go
+    into 64-bit bases, only the token and feature strides are 32-bit in-tile offsets. Short valid lengths keep the
+    interpreter quick."""
+    Nmax = 2**22 // 128 + 16
+    q, kc, vc, lam, cs, lp, kw = _inputs(1, 2, 1, 1, Nmax, 128, [40], [3], layout, torch.float16, False)
+    assert max(vc.stride()[:2]) > 2**22
+    out = diff_attn_decode(q, kc, vc, lam, cache_seqlens=cs, cache_leftpad=lp, head_layout=layout, num_splits=1)
+    ref = _reference64(q, kc[:, :, :40], vc[:, :, :40], lam, cs, lp, kw, layout)
+    assert_close(out, ref, torch.float16, FWD, f"decode {layout} long cache")
