@@ -5,6 +5,9 @@
 #   1. op benchmark (bf16): the plan in bench_diff_attn.DEVICE_CHECK, most important rows first (N = 4096 d = 64,
 #      the DiffCLIP shapes, d = 128, causal, N = 1024 / 8192) against every baseline a user would run, with a row
 #      budget, then a time-boxed config sweep (each kernel timed alone, two passes);
+#   1b. LM benchmark (bf16, benchmarks/bench_lm.py): decode steps at B = 1 and 32 with 4k and 32k caches against
+#      two SDPA calls and the bandwidth floor, then varlen against padding; its rows go under "lm" in
+#      bench_diff_attn.json (the device tool returns at most 8 files);
 #   2. model benchmark (encode_image/encode_text B=256, train step B=128; eager, sdpa, triton, plain CLIP, then
 #      the +compile rows as the row budget allows);
 #   3. profiles: one op forward+backward at the DiffCLIP shapes (GPU time per kernel, host time), and one
@@ -26,8 +29,9 @@
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"  # OUTDIR, PY, SMOKE (dry run without CUDA)
 status=0
-# Step limits in seconds (the sum is 415 s; a step that ignores SIGINT is killed 10 s after its limit).
-T_WARM=60 T_OP=110 T_MODEL=120 T_PROFILE=25 T_TESTS=75
+# Step limits in seconds (the sum is 415 s; a step that ignores SIGINT is killed 10 s after its limit). The LM step's
+# 30 s came out of the op (110 -> 100) and model (120 -> 100) steps, whose row budgets shrank with them.
+T_WARM=60 T_OP=100 T_LM=30 T_MODEL=100 T_PROFILE=25 T_TESTS=75
 export DIFFCLIP_TEST_TIMEOUT_S="${DIFFCLIP_TEST_TIMEOUT_S:-60}"
 # GPU-only checks: bf16 numerics (incl. correlated maps), determinism, the model, 64-bit row offsets (fused-QKV
 # layout, rows > 2^31 elements apart), the autotune disk cache, a second GPU when there is one.
@@ -44,6 +48,9 @@ TEST_FILTER+=" or capture_at_unseen_batch or same_bits_with_and_without_saved_st
 TEST_FILTER+=" or double_backward or zero_gradients"
 # The long-sequence forward rows on a GPU (the SPLIT form hands O2 between threads through global memory).
 TEST_FILTER+=" or test_fwd_long) and not test_model_smoke"  # (the smoke compiles ViT-B 6 times)
+# "test_ops" above also matches tests/kernels/test_ops_lm.py: its Inductor compiles do not fit this step's limit
+# next to the dense op's; CPU CI runs them under aot_eager.
+TEST_FILTER+=" and not test_ops_lm"
 if [ ${#SMOKE[@]} -gt 0 ]; then TEST_FILTER="deterministic"; fi  # dry run: a few CPU tests
 
 # step NAME LIMIT LOG COMMAND...: run with `timeout -s INT`, output appended to LOG (its tail to the console).
@@ -75,15 +82,21 @@ step "warm the kernel cache (compile the plan's configs in parallel)" "$T_WARM" 
     "$PY" -m benchmarks.warm_cache "${SMOKE[@]}"
 
 step "op benchmark: DEVICE_CHECK plan, bf16, then a reduced config sweep" "$T_OP" "$OUTDIR/bench_diff_attn.log" \
-    "$PY" -m benchmarks.bench_diff_attn --shapes device-check --dtypes bf16 --budget-s 75 \
+    "$PY" -m benchmarks.bench_diff_attn --shapes device-check --dtypes bf16 --budget-s 67 \
     --sweep reduced --sweep-budget-s 20 --json "$OUTDIR/bench_diff_attn.json" "${SMOKE[@]}"
+
+# Decode rows first (the Llama-like H = 16, Hkv = 4, d = 128), then varlen; rows past the budget are recorded as
+# skipped. Written under the key "lm" of the op benchmark's JSON, after that benchmark has finished with it.
+step "LM benchmark: decode B=1/32 cache 4k/32k vs sdpa x2 and the bandwidth floor, varlen vs padding, bf16" \
+    "$T_LM" "$OUTDIR/bench_diff_attn.log" \
+    "$PY" -m benchmarks.bench_lm --budget-s 22 --json "$OUTDIR/bench_diff_attn.json" --json-key lm "${SMOKE[@]}"
 
 # The +compile rows last (Inductor compiles ViT-B/16 afresh per row): what the row budget leaves out is recorded
 # as skipped; benchmarks/device_check_compile.sh runs them all in a call of their own.
 step "model benchmark: encode_image B=256, encode_text B=256, train step B=128, bf16" "$T_MODEL" \
     "$OUTDIR/bench_model.log" \
     "$PY" -m benchmarks.bench_model --dtypes bf16 --image-batches 256 --text-batch 256 --train-batch 128 \
-    --backends eager,sdpa,triton,plain-clip,triton+compile,plain-clip+compile,sdpa+compile --budget-s 90 \
+    --backends eager,sdpa,triton,plain-clip,triton+compile,plain-clip+compile,sdpa+compile --budget-s 75 \
     --json "$OUTDIR/bench_model.json" "${SMOKE[@]}"
 
 step "profile: one op forward+backward, triton and sdpa2, text and vision" "$T_PROFILE" "$OUTDIR/profile.log" \

@@ -32,6 +32,10 @@ def test_device_check_dry_run(tmp_path):
     assert op["sweep"] and all(r["ms"] and r["ms_repeat"] for r in op["sweep"])
     assert all("host_ms" in r and "speedup_vs_best" in r for r in op["rows"])
     assert "warmed 1 cases" in (tmp_path / "bench_diff_attn.log").read_text()  # the cache was warmed first
+    # the LM benchmark's rows sit under "lm" in the op benchmark's file (no ninth file), each checked and timed
+    lm = op["lm"]
+    assert lm["benchmark"] == "lm" and {r["form"] for r in lm["rows"]} == {"decode", "varlen"}
+    assert all(r["ms"] for r in lm["rows"]), [r for r in lm["rows"] if not r["ms"]]
     head = (tmp_path / "bench_diff_attn.log").read_text().splitlines()[:3]  # the environment heads the op log
     assert any(line.startswith("torch ") and "triton" in line for line in head), head
     model = json.loads((tmp_path / "bench_model.json").read_text())
