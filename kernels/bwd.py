@@ -36,7 +36,7 @@ from .bwd_steps import _dkdv_program, _dq_program
 from .configs import (PRUNE, Problem, autotune_configs, bwd_form, cdiv, device_sm, grid_bucket, launch,
                       pre_block_m, seqlen_bucket)
 from .fwd import LOG2E, _block_and_head, dot_precision
-from .layouts import kv_heads, pair_strides, value_strides, value_width
+from .layouts import kv_heads, pair_strides, value_split, value_strides, value_width
 from .runtime import device_guard
 from .validate import MAX_SPLIT_OFFSET, tile_strides_ok
 
@@ -52,7 +52,8 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkp, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvn, stride_dvd,
     H, GROUP, N, N_BUCKET, GRID_BUCKET, qk_scale, sm_scale, do_scale,
-    HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, V_SPLIT: tl.constexpr,
+    CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr = False,
 ):
@@ -68,7 +69,7 @@ def _bwd_dkdv_kernel(
                   stride_dkd, stride_dvb, stride_dvh, stride_dvs, stride_dvn, stride_dvd, stride_dkb, stride_dkh,
                   stride_dkp, stride_dkn, stride_dkd,
                   H, GROUP, N, qk_scale, sm_scale, do_scale, block_n, bg,
-                  HEAD_DIM, V_WIDTH, SHARED_K, CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, SPLIT, False)
+                  HEAD_DIM, V_WIDTH, SHARED_K, V_SPLIT, CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, SPLIT, False)
 
 
 @triton.jit
@@ -81,7 +82,8 @@ def _bwd_dq_kernel(
     stride_lb, stride_lh, stride_ln,
     stride_dqb, stride_dqh, stride_dqp, stride_dqn, stride_dqd,
     H, GROUP, N, N_BUCKET, GRID_BUCKET, qk_scale, sm_scale, do_scale,
-    HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, V_SPLIT: tl.constexpr,
+    CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one diff-head (`_dq_program`); causal: heaviest blocks first."""
@@ -91,12 +93,12 @@ def _bwd_dq_kernel(
                 stride_kd, stride_vb, stride_vh, stride_vs, stride_vn, stride_vd, stride_ob, stride_oh, stride_on,
                 stride_od, stride_lb, stride_lh, stride_ln, stride_dqb, stride_dqh, stride_dqp, stride_dqn, stride_dqd,
                 H, GROUP, N, qk_scale, sm_scale, do_scale, block_m, bh,
-                HEAD_DIM, V_WIDTH, SHARED_K, CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                HEAD_DIM, V_WIDTH, SHARED_K, V_SPLIT, CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
 
-# ARCH, V_WIDTH, SHARED_K and why GROUP is not in the key: see the forward's key (fwd.py). GRID_BUCKET counts each
-# launch's own programs (dK/dV: B·Hkv·blocks).
-_KEY = ["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "V_WIDTH", "SHARED_K", "CAUSAL", "ARCH"]
+# ARCH, V_WIDTH, SHARED_K, V_SPLIT and why GROUP is not in the key: see the forward's key (fwd.py). GRID_BUCKET
+# counts each launch's own programs (dK/dV: B·Hkv·blocks).
+_KEY = ["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "V_WIDTH", "SHARED_K", "V_SPLIT", "CAUSAL", "ARCH"]
 _bwd_dkdv = triton.autotune(configs=autotune_configs("dkdv"), key=_KEY,
                             prune_configs_by={"early_config_prune": PRUNE["dkdv"]})(_bwd_dkdv_kernel)
 _bwd_dq = triton.autotune(configs=autotune_configs("dq"), key=_KEY,
@@ -136,6 +138,7 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
     problem = Problem(d, q.element_size(), causal, N, device_sm(q.device))
     form = bwd_form(problem)
     kwargs = dict(HEAD_DIM=d, V_WIDTH=width, SHARED_K=head_layout == "v2", CAUSAL=causal,
+                  V_SPLIT=value_split(v, head_layout, hkv) or value_split(dv, head_layout, hkv),
                   DOT_PRECISION=dot_precision(q.dtype), ARCH=problem.sm)
     q_s, dq_s = pair_strides(q, head_layout, H), pair_strides(dq, head_layout, H)
     k_s, dk_s = pair_strides(k, head_layout, hkv, key=True), pair_strides(dk, head_layout, hkv, key=True)

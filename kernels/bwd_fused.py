@@ -37,7 +37,8 @@ def _bwd_fused_kernel(
     stride_dvb, stride_dvh, stride_dvs, stride_dvn, stride_dvd,
     stride_dqb, stride_dqh, stride_dqp, stride_dqn, stride_dqd,
     H, GROUP, N, N_BUCKET, GRID_BUCKET, qk_scale, sm_scale, do_scale,
-    HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, V_SPLIT: tl.constexpr,
+    CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr = False,
 ):
@@ -52,7 +53,7 @@ def _bwd_fused_kernel(
                   stride_dkd, stride_dvb, stride_dvh, stride_dvs, stride_dvn, stride_dvd, stride_dqb, stride_dqh,
                   stride_dqp, stride_dqn, stride_dqd,
                   H, GROUP, N, qk_scale, sm_scale, do_scale, blk, bg,
-                  HEAD_DIM, V_WIDTH, SHARED_K, CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, SPLIT, DQ_ATOMIC)
+                  HEAD_DIM, V_WIDTH, SHARED_K, V_SPLIT, CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, SPLIT, DQ_ATOMIC)
     if not DQ_ATOMIC:
         first = (bg // (H // GROUP)) * H + (bg % (H // GROUP)) * GROUP  # (batch·head) index of the group's first
         for j in range(GROUP):
@@ -62,13 +63,13 @@ def _bwd_fused_kernel(
                         stride_oh, stride_on, stride_od, stride_lb, stride_lh, stride_ln, stride_dqb, stride_dqh,
                         stride_dqp, stride_dqn, stride_dqd,
                         H, GROUP, N, qk_scale, sm_scale, do_scale, blk, first + j,
-                        HEAD_DIM, V_WIDTH, SHARED_K, CAUSAL, DOT_PRECISION, BLOCK_N, BLOCK_M)
+                        HEAD_DIM, V_WIDTH, SHARED_K, V_SPLIT, CAUSAL, DOT_PRECISION, BLOCK_N, BLOCK_M)
 
 
 # One autotuned object per form, each with its own row list (configs.ROWS["fused"] / ["atomic"]). DQ_ATOMIC is in
-# the key all the same (a key must hold every flag that changes the kernel). ARCH, V_WIDTH, SHARED_K and why GROUP
-# is not in it: see the forward's key (fwd.py); GRID_BUCKET counts this launch's programs (B·Hkv·blocks).
-_KEY = ["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "V_WIDTH", "SHARED_K", "CAUSAL", "ARCH", "DQ_ATOMIC"]
+# the key all the same (a key must hold every flag that changes the kernel). ARCH, V_WIDTH, SHARED_K, V_SPLIT and why
+# GROUP is not in it: see the forward's key (fwd.py); GRID_BUCKET counts this launch's programs (B·Hkv·blocks).
+_KEY = ["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "V_WIDTH", "SHARED_K", "V_SPLIT", "CAUSAL", "ARCH", "DQ_ATOMIC"]
 _bwd_fused = triton.autotune(configs=autotune_configs("fused"), key=_KEY,
                              prune_configs_by={"early_config_prune": PRUNE["fused"]})(_bwd_fused_kernel)
 _bwd_atomic = triton.autotune(configs=autotune_configs("atomic"), key=_KEY,

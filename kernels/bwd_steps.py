@@ -48,7 +48,7 @@ def _load_query_rows(q_base, stride_qp, stride_qn, stride_qd, do_base, stride_on
 @triton.jit
 def _load_key_rows(k_base, stride_kp, stride_kn, stride_kd, v_base, stride_vs, stride_vn, stride_vd, start_n, offs_d,
                    offs_dv, N, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr,
-                   SHARED_K: tl.constexpr):
+                   SHARED_K: tl.constexpr, V_SPLIT: tl.constexpr):
     """K1, K2 and V rows from `start_n` of one key/value group (zeros past N), their indices and the in-sequence
     mask (SHARED_K: K2 is K1). 64-bit row offsets, as in `_load_query_rows`."""
     keys = tl.arange(0, BLOCK_N)
@@ -60,7 +60,7 @@ def _load_key_rows(k_base, stride_kp, stride_kn, stride_kd, v_base, stride_vs, s
         k2 = k1
     else:
         k2 = tl.load(k_ptrs + stride_kp, mask=key_ok[:, None], other=0.0)
-    v_cols = _value_cols(offs_dv, stride_vd, stride_vs, HEAD_DIM, V_WIDTH)
+    v_cols = _value_cols(offs_dv, stride_vd, stride_vs, HEAD_DIM, V_SPLIT)
     v = tl.load(v_base + (offs_n.to(tl.int64)[:, None] * stride_vn + v_cols[None, :]), mask=key_ok[:, None],
                 other=0.0)
     return k1, k2, v, offs_n, key_ok
@@ -191,7 +191,8 @@ def _dkdv_program(
     stride_dvb, stride_dvh, stride_dvs, stride_dvn, stride_dvd,
     stride_dqb, stride_dqh, stride_dqp, stride_dqn, stride_dqd,
     H, GROUP, N, qk_scale, sm_scale, do_scale, block_n, bg,
-    HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, V_SPLIT: tl.constexpr,
+    CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     DQ_ATOMIC: tl.constexpr,
 ):
@@ -212,7 +213,8 @@ def _dkdv_program(
     offs_dv = tl.arange(0, V_WIDTH)
     k1, k2, v, offs_n, key_ok = _load_key_rows(K + b * stride_kb + g * stride_kh, stride_kp, stride_kn, stride_kd,
                                                V + b * stride_vb + g * stride_vh, stride_vs, stride_vn, stride_vd,
-                                               start_n, offs_d, offs_dv, N, BLOCK_N, HEAD_DIM, V_WIDTH, SHARED_K)
+                                               start_n, offs_d, offs_dv, N, BLOCK_N, HEAD_DIM, V_WIDTH, SHARED_K,
+                                               V_SPLIT)
 
     dk1 = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -243,7 +245,7 @@ def _dkdv_program(
 
     keys = tl.arange(0, BLOCK_N)
     n64 = start_n.to(tl.int64)
-    dv_cols = _value_cols(offs_dv, stride_dvd, stride_dvs, HEAD_DIM, V_WIDTH)
+    dv_cols = _value_cols(offs_dv, stride_dvd, stride_dvs, HEAD_DIM, V_SPLIT)
     tl.store(DV + b * stride_dvb + g * stride_dvh + n64 * stride_dvn + (keys[:, None] * stride_dvn + dv_cols[None, :]),
              (dv * do_scale).to(DV.dtype.element_ty), mask=key_ok[:, None])
 
@@ -252,7 +254,7 @@ def _dkdv_program(
 def _dq_inner(dq1, dq2, q1, q2, do, lse1, lse2, d1, d2, lam, offs_m, k_base, stride_kp, stride_kn, stride_kd,
               v_base, stride_vs, stride_vn, stride_vd, offs_d, offs_dv, N, lo, hi, qk_scale, do_scale,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr):
+              HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, V_SPLIT: tl.constexpr):
     """Fold key blocks [lo, hi) into one query block's dQ1, dQ2.
 
     MASKED blocks (the causal diagonal and the sequence tail) mask keys: a key past N would add p·0 to dQ, but its
@@ -261,7 +263,7 @@ def _dq_inner(dq1, dq2, q1, q2, do, lse1, lse2, d1, d2, lam, offs_m, k_base, str
     for start_n in range(lo, hi, BLOCK_N):
         k1, k2, v, offs_n, key_ok = _load_key_rows(k_base, stride_kp, stride_kn, stride_kd, v_base, stride_vs,
                                                    stride_vn, stride_vd, start_n, offs_d, offs_dv, N, BLOCK_N,
-                                                   HEAD_DIM, V_WIDTH, SHARED_K)
+                                                   HEAD_DIM, V_WIDTH, SHARED_K, V_SPLIT)
         visible = key_ok[None, :]
         if CAUSAL:
             visible = visible & (offs_m[:, None] >= offs_n[None, :])
@@ -299,7 +301,8 @@ def _dq_program(
     stride_lb, stride_lh, stride_ln,
     stride_dqb, stride_dqh, stride_dqp, stride_dqn, stride_dqd,
     H, GROUP, N, qk_scale, sm_scale, do_scale, block_m, bh,
-    HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, V_SPLIT: tl.constexpr,
+    CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ1, dQ2 of query block `block_m` (BLOCK_M rows) of (batch·head) `bh`: loops over the key blocks (BLOCK_N
@@ -331,9 +334,9 @@ def _dq_program(
     common = (offs_m, k_base, stride_kp, stride_kn, stride_kd, v_base, stride_vs, stride_vn, stride_vd, offs_d,
               offs_dv, N)
     dq1, dq2 = _dq_inner(dq1, dq2, q1, q2, do, lse1, lse2, d1, d2, lam, *common, 0, lo, qk_scale, do_scale,
-                         False, CAUSAL, BLOCK_N, DOT_PRECISION, HEAD_DIM, V_WIDTH, SHARED_K)
+                         False, CAUSAL, BLOCK_N, DOT_PRECISION, HEAD_DIM, V_WIDTH, SHARED_K, V_SPLIT)
     dq1, dq2 = _dq_inner(dq1, dq2, q1, q2, do, lse1, lse2, d1, d2, lam, *common, lo, hi, qk_scale, do_scale,
-                         True, CAUSAL, BLOCK_N, DOT_PRECISION, HEAD_DIM, V_WIDTH, SHARED_K)
+                         True, CAUSAL, BLOCK_N, DOT_PRECISION, HEAD_DIM, V_WIDTH, SHARED_K, V_SPLIT)
 
     rows = tl.arange(0, BLOCK_M)
     dq_ptrs = (DQ + b * stride_dqb + h * stride_dqh + start_m.to(tl.int64) * stride_dqn

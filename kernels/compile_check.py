@@ -9,9 +9,9 @@ Triton) reports registers and spills.
 Kernels are compiled as a launch at DiffCLIP's shapes specialises them: Hkv == H gives GROUP = 1, which Triton
 turns into a constant (an int argument equal to 1 always is), interleaved heads (V_WIDTH = 2d, SHARED_K off).
 The head-layout variants (VARIANTS) are compiled for the default rows at d = 64 and 128 (the language-model head
-dims) too: "gqa" (GROUP > 1, a runtime int: the dK/dV program's loop over a group's diff-heads), "v2" (V_WIDTH = d,
-one K tile for both maps) and "v2gqa". The "halves" layout needs no row of its own: it differs from "interleaved"
-only in the values of the runtime pair/split strides (kernels/layouts.py), i.e. it runs the very same binary.
+dims) too: "gqa" (GROUP > 1, a runtime int: the dK/dV program's loop over a group's diff-heads), "halves" (with
+GQA; V_SPLIT: the value's two halves addressed apart), "v2" (V_WIDTH = d, one K tile for both maps) and "v2gqa".
+(The halves layout's query/key pair offsets are runtime strides: without V_SPLIT it is interleaved's binary.)
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def _ptr(dtype):
 
 
 # name -> (GROUP, head layout) of the head-layout variants (module docstring). GROUP > 1 compiles as a runtime int.
-VARIANTS = {"gqa": (4, "interleaved"), "v2": (1, "v2"), "v2gqa": (4, "v2")}
+VARIANTS = {"gqa": (4, "interleaved"), "halves": (4, "halves"), "v2": (1, "v2"), "v2gqa": (4, "v2")}
 VARIANT_HEAD_DIMS = (64, 128)
 
 
@@ -118,6 +118,7 @@ def _layout_consts(sig, const, head_dim, group, head_layout):
         sig["GROUP"] = "i32"
     const["V_WIDTH"] = head_dim if head_layout == "v2" else 2 * head_dim
     const["SHARED_K"] = head_layout == "v2"
+    const["V_SPLIT"] = head_layout == "halves"  # a halves value whose halves are not adjacent (layouts.value_split)
 
 
 def compile_fwd(arch, dtype, head_dim, causal, cfg, *, has_norm=True, save_for_bwd=True, group=1,

@@ -29,7 +29,7 @@ import triton.language as tl
 from . import alloc
 from .configs import (PRUNE, Problem, autotune_configs, cdiv, device_sm, fwd_may_split, grid_bucket, launch,
                       recorded_config, seqlen_bucket)
-from .layouts import kv_heads, pair_strides, value_strides, value_width
+from .layouts import kv_heads, pair_strides, value_split, value_strides, value_width
 from .runtime import device_guard
 
 LOG2E = 1.4426950408889634
@@ -151,13 +151,16 @@ def _fwd_keys(
 
 
 @triton.jit
-def _value_cols(offs_dv, stride_vd, stride_vs, HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr):
-    """In-tile offsets of a value row's columns c < V_WIDTH: (c mod d)·stride_d + (c div d)·split, the two d-wide
-    halves `split` apart (kernels/layouts.py). HEAD_DIM is a power of two, so this is a mask and a shift, and each
-    half stays contiguous (vectorised loads). One half only (v2): c·stride_d."""
-    if V_WIDTH == HEAD_DIM:
-        return offs_dv * stride_vd
-    return (offs_dv % HEAD_DIM) * stride_vd + (offs_dv // HEAD_DIM) * stride_vs
+def _value_cols(offs_dv, stride_vd, stride_vs, HEAD_DIM: tl.constexpr, V_SPLIT: tl.constexpr):
+    """In-tile offsets of a value row's columns: c·stride_d where the row is one strided run (interleaved heads,
+    the v2 layout's d-wide value, or halves that happen to be adjacent), else (V_SPLIT, the "halves" layout)
+    (c mod d)·stride_d + (c div d)·split, the two d-wide halves `split` apart (kernels/layouts.py). HEAD_DIM is a
+    power of two, so that is a mask and a shift and each half stays contiguous (vectorised loads). V_SPLIT is a
+    flag of its own because the split form costs registers even where split = d·stride_d (Triton 3.6: the dK/dV
+    row 32x32x4w at d = 64 went from 184 to 218)."""
+    if V_SPLIT:
+        return (offs_dv % HEAD_DIM) * stride_vd + (offs_dv // HEAD_DIM) * stride_vs
+    return offs_dv * stride_vd
 
 
 @triton.jit
@@ -170,7 +173,8 @@ def _diff_attn_fwd_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_w,
     H, GROUP, N, N_BUCKET, GRID_BUCKET, qk_scale, norm_eps, out_scale,
-    HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, CAUSAL: tl.constexpr, HAS_NORM: tl.constexpr, SAVE_FOR_BWD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, V_SPLIT: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_NORM: tl.constexpr, SAVE_FOR_BWD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr = False,
 ):
@@ -198,7 +202,7 @@ def _diff_attn_fwd_kernel(
     v_base = V + b * stride_vb + g * stride_vh
     q_tile = rows[:, None] * stride_qn + offs_d[None, :] * stride_qd
     k_tile = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_tile = offs_n[:, None] * stride_vn + _value_cols(offs_dv, stride_vd, stride_vs, HEAD_DIM, V_WIDTH)[None, :]
+    v_tile = offs_n[:, None] * stride_vn + _value_cols(offs_dv, stride_vd, stride_vs, HEAD_DIM, V_SPLIT)[None, :]
     k2_base = k1_base + stride_kp
     # The saved (B, H, N, V_WIDTH) buffers (and the SPLIT form's fp32 scratch) are contiguous.
     sav_base = ((b * H + h) * N + row0_64) * V_WIDTH
@@ -276,9 +280,11 @@ def _diff_attn_fwd_kernel(
         tl.store(lse_base + N + rows, lse2, mask=row_ok)
 
 
-# V_WIDTH and SHARED_K (the v2 layout) change the kernel, so they are in the key. GROUP (GQA) is not: it only
-# changes which K/V head a program reads (neighbouring programs then share K/V in L2), not its work or registers
-# (GROUP == 1 is a separate specialisation that Triton compiles anyway).
+# V_WIDTH, SHARED_K (the v2 layout) and V_SPLIT (halves) change the kernel, so they are in the key. GROUP (GQA) is
+# not: in the forward and dQ it only changes which K/V head a program reads (neighbouring programs then share K/V
+# in L2), not its work or registers; the dK/dV programs do GROUP times the work, in GROUP times fewer programs,
+# which GRID_BUCKET (computed over B·Hkv there) reflects. GROUP == 1 is a specialisation Triton compiles apart
+# anyway. Untimed on a device: if GQA turns out to want other blocks, GROUP (bucketed) belongs in the key.
 # HAS_NORM is passed explicitly (not derived by @triton.heuristics): the autotuner reads its key before heuristics
 # run, so a derived flag would be missing from the key. ARCH (compute capability x10; unused by the code) keys the
 # choice by architecture: in a process with an sm_80 and an sm_90 GPU, a Hopper-only row tuned on one must not be
@@ -286,7 +292,7 @@ def _diff_attn_fwd_kernel(
 # one choice per problem (configs.launch), so that both give the same bits.
 _diff_attn_fwd = triton.autotune(
     configs=autotune_configs("fwd"),
-    key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "V_WIDTH", "SHARED_K", "CAUSAL", "HAS_NORM", "ARCH"],
+    key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "V_WIDTH", "SHARED_K", "V_SPLIT", "CAUSAL", "HAS_NORM", "ARCH"],
     prune_configs_by={"early_config_prune": PRUNE["fwd"]},
 )(_diff_attn_fwd_kernel)
 
@@ -330,7 +336,8 @@ def diff_attn_fwd(q, k, v, lam_bhn, norm_weight, *, causal, scale, norm_eps, out
         norm_weight.stride(0) if norm_weight is not None else 0,
         H, H // hkv, N, seqlen_bucket(N), grid_bucket(B, H, N), scale * LOG2E, norm_eps, out_scale,
     ]
-    kwargs = dict(HEAD_DIM=d, V_WIDTH=width, SHARED_K=head_layout == "v2", CAUSAL=causal, HAS_NORM=norm_weight is not None, SAVE_FOR_BWD=save_for_bwd,
+    kwargs = dict(HEAD_DIM=d, V_WIDTH=width, SHARED_K=head_layout == "v2", V_SPLIT=value_split(v, head_layout, hkv),
+                  CAUSAL=causal, HAS_NORM=norm_weight is not None, SAVE_FOR_BWD=save_for_bwd,
                   DOT_PRECISION=dot_precision(q.dtype), ARCH=problem.sm)
     # The SPLIT form's fp32 scratch (map 2's accumulator, B·H·N·2d fp32: 268 MB at B=4 H=16 N=4096 d=64), allocated
     # only when a SPLIT row may run: once this key is tuned, only if the tuned row is one.

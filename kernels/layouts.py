@@ -44,3 +44,12 @@ def value_strides(v: torch.Tensor, head_layout: str, groups: int) -> tuple:
     if head_layout == "interleaved":
         return s0, s1, (v.shape[-1] // 2) * s3, s2, s3
     return s0, s1, (groups * s1 if head_layout == "halves" else 0), s2, s3
+
+
+def value_split(v: torch.Tensor, head_layout: str, groups: int) -> bool:
+    """Whether a value row's two d-wide halves are NOT one strided run (split offset != d·stride_d): the kernels'
+    V_SPLIT flag, which then addresses each half separately (fwd._value_cols)."""
+    if head_layout == "v2":
+        return False
+    split, stride_d = value_strides(v, head_layout, groups)[2], v.stride(3)
+    return split != v.shape[-1] * stride_d if head_layout == "halves" else False

@@ -26,7 +26,7 @@ def expand_heads(q, k, v, heads: int, head_layout: str = "interleaved"):
     one key/value group per diff-head: q, k (B, 2H, N, d) with diff-head h at heads 2h, 2h+1, v (B, H, N, width).
     Indexing, stacks and repeats only (differentiable; gradients flow back to the caller's layout): every reference
     then runs the one attention formula on this form. `q` may be None (only "halves" moves query heads)."""
-    if head_layout == "halves":  # diff-head h: query heads h, h+H; group g: key heads g, g+Hkv, value cat(v[g], v[g+Hkv])
+    if head_layout == "halves":  # diff-head h: query heads h, h+H; group g: keys g, g+Hkv, value cat(v[g], v[g+Hkv])
         if q is not None:
             q = torch.stack((q[:, :heads], q[:, heads:]), dim=2).flatten(1, 2)
         hkv = k.shape[1] // 2

@@ -173,7 +173,8 @@ BAD = [
     ("hkv-too-many", "interleaved", (B, 2 * H, N, d), (B, 4 * H, N, d), (B, 2 * H, N, 2 * d), {}, ValueError,
      ["GQA", "multiple"]),
     ("k-odd-heads", "halves", (B, 2 * H, N, d), (B, 3, N, d), (B, 3, N, d), {}, ValueError, ["k", "even", "2Hkv"]),
-    ("k-length", "v2", (B, 2 * H, N, d), (B, 2, N + 1, d), (B, 2, N, d), {}, ValueError, ["k", "shape", "(B, Hkv, N, d)"]),
+    ("k-length", "v2", (B, 2 * H, N, d), (B, 2, N + 1, d), (B, 2, N, d), {}, ValueError,
+     ["k", "shape", "(B, Hkv, N, d)"]),
     ("interleaved-v-for-halves", "halves", (B, 2 * H, N, d), (B, 4, N, d), (B, 2, N, 2 * d), {}, ValueError,
      ["v", "(B, 2Hkv, N, d)", "halves"]),
     ("halves-v-for-interleaved", "interleaved", (B, 2 * H, N, d), (B, 4, N, d), (B, 4, N, d), {}, ValueError,
@@ -209,3 +210,18 @@ def test_halves_split_offset_past_int32_tiles_is_refused():
     assert check_diff_attn_args(q, k, v, 0.5, for_kernel=False, **kw).kv_heads == 2
     small = v.as_strided((1, 4, 16, 16), (0, 2**29 - 2**10, 16, 1))  # Hkv·stride(1) just below 2^30: accepted
     check_diff_attn_args(q, k, small, 0.5, for_kernel=True, **kw)
+
+
+def test_value_split_flag_only_where_the_halves_are_apart():
+    """V_SPLIT (the kernels address a value's two halves apart) is on for halves whose halves are not one strided
+    run; adjacent halves (token-major MQA: v[g] and v[g+1] are neighbours) and the other layouts use the plain
+    offsets. Both halves cases are exercised by the tests above (contiguous and token-major inputs)."""
+    from kernels.layouts import value_split
+
+    contiguous = make_layout_qkv(1, 4, 1, 8, 16, torch.float32, DEVICE, "halves")[2]
+    token_major = make_layout_qkv(1, 4, 1, 8, 16, torch.float32, DEVICE, "halves", token_major=True)[2]
+    token_major_gqa = make_layout_qkv(1, 4, 2, 8, 16, torch.float32, DEVICE, "halves", token_major=True)[2]
+    assert value_split(contiguous, "halves", 1) and value_split(token_major_gqa, "halves", 2)
+    assert not value_split(token_major, "halves", 1)
+    for layout in ("interleaved", "v2"):
+        assert not value_split(make_layout_qkv(1, 4, 2, 8, 16, torch.float32, DEVICE, layout)[2], layout, 2)
