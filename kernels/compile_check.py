@@ -9,7 +9,7 @@ Triton) reports registers and spills.
 Kernels are compiled as a launch at DiffCLIP's shapes specialises them: Hkv == H gives GROUP = 1, which Triton
 turns into a constant (an int argument equal to 1 always is), interleaved heads (V_WIDTH = 2d, SHARED_K off).
 The head-layout variants (VARIANTS) are compiled for the default rows at d = 64 and 128 (the language-model head
-dims) too: "gqa" (GROUP > 1, a runtime int: the dK/dV program's loop over a group's diff-heads), "halves" (with
+dims; bf16 and fp32) too: "gqa" (GROUP > 1, a runtime int: the dK/dV program's loop over a group's diff-heads), "halves" (with
 GQA; V_SPLIT: the value's two halves addressed apart), "v2" (V_WIDTH = d, one K tile for both maps) and "v2gqa".
 (The halves layout's query/key pair offsets are runtime strides: without V_SPLIT it is interleaved's binary.)
 """
@@ -108,6 +108,7 @@ def _ptr(dtype):
 # name -> (GROUP, head layout) of the head-layout variants (module docstring). GROUP > 1 compiles as a runtime int.
 VARIANTS = {"gqa": (4, "interleaved"), "halves": (4, "halves"), "v2": (1, "v2"), "v2gqa": (4, "v2")}
 VARIANT_HEAD_DIMS = (64, 128)
+VARIANT_DTYPES = ("bf16", "fp32")  # fp16 compiles to bf16's registers (same operand width); fp32: the exact path
 
 
 def _layout_consts(sig, const, head_dim, group, head_layout):
@@ -310,7 +311,7 @@ def _collect_class(arch, dtype, d, variants=()):
         out += check_fwd(arch, dtype, d, causal)
         for kernel in ("dkdv", "dq"):
             out += check_bwd(kernel, arch, dtype, d, causal)
-    if d in VARIANT_HEAD_DIMS:
+    if d in VARIANT_HEAD_DIMS and dtype in VARIANT_DTYPES:
         for name in variants:
             for causal in (False, True):
                 out += check_variant(name, arch, dtype, d, causal)

@@ -204,8 +204,10 @@ def _diff_attn_fwd_kernel(
     k_tile = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_tile = offs_n[:, None] * stride_vn + _value_cols(offs_dv, stride_vd, stride_vs, HEAD_DIM, V_SPLIT)[None, :]
     k2_base = k1_base + stride_kp
-    # The saved (B, H, N, V_WIDTH) buffers (and the SPLIT form's fp32 scratch) are contiguous.
-    sav_base = ((b * H + h) * N + row0_64) * V_WIDTH
+    # The saved (B, H, N, V_WIDTH) buffers (and the SPLIT form's fp32 scratch) are contiguous. (bh = b·H + h; written
+    # with bh, Triton 3.6's ptxas does not spill the 255-register SPLIT row 128x128 at d = 64, which it did by 4 B
+    # with (b·H + h) once the head layouts' strides were added.)
+    sav_base = (bh.to(tl.int64) * N + row0_64) * V_WIDTH
     sav_tile = rows[:, None] * V_WIDTH + offs_dv[None, :]
 
     if SPLIT:
