@@ -55,9 +55,8 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvs, stride_dvn, stride_dvd,
     H, GROUP, N, N_BUCKET, GRID_BUCKET, qk_scale, sm_scale, do_scale,
     HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, V_SPLIT: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr = False,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr, GQA: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr = False,
 ):
     """One program: BLOCK_N keys of one key/value group, summed over its diff-heads (`_dkdv_program`). Causal key
     blocks are heaviest first already (block 0 is seen by every query). SPLIT (two passes, see `_dkdv_program`) is
@@ -71,7 +70,7 @@ def _bwd_dkdv_kernel(
                   stride_dkd, stride_dvb, stride_dvh, stride_dvs, stride_dvn, stride_dvd, stride_dkb, stride_dkh,
                   stride_dkp, stride_dkn, stride_dkd,
                   H, GROUP, N, qk_scale, sm_scale, do_scale, block_n, bg,
-                  HEAD_DIM, V_WIDTH, SHARED_K, V_SPLIT, CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, SPLIT, False)
+                  HEAD_DIM, V_WIDTH, SHARED_K, V_SPLIT, CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, SPLIT, False, GQA)
 
 
 @triton.jit
@@ -101,7 +100,7 @@ def _bwd_dq_kernel(
 # ARCH, V_WIDTH, SHARED_K, V_SPLIT and why GROUP is not in the key: see the forward's key (fwd.py). GRID_BUCKET
 # counts each launch's own programs (dK/dV: B·Hkv·blocks).
 _KEY = ["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "V_WIDTH", "SHARED_K", "V_SPLIT", "CAUSAL", "ARCH"]
-_bwd_dkdv = triton.autotune(configs=autotune_configs("dkdv"), key=_KEY,
+_bwd_dkdv = triton.autotune(configs=autotune_configs("dkdv"), key=_KEY + ["GQA"],
                             prune_configs_by={"early_config_prune": PRUNE["dkdv"]})(_bwd_dkdv_kernel)
 _bwd_dq = triton.autotune(configs=autotune_configs("dq"), key=_KEY,
                           prune_configs_by={"early_config_prune": PRUNE["dq"]})(_bwd_dq_kernel)
@@ -145,6 +144,7 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
     q_s, dq_s = pair_strides(q, head_layout, H), pair_strides(dq, head_layout, H)
     k_s, dk_s = pair_strides(k, head_layout, hkv, key=True), pair_strides(dk, head_layout, hkv, key=True)
     v_s, dv_s = value_strides(v, head_layout, hkv), value_strides(dv, head_layout, hkv)
+    kwargs_kv = dict(kwargs, GQA=hkv < H)  # the dK/dV programs' group loop (bwd_steps._dkdv_program)
     tail = (scale * LOG2E, scale, do_scale)
     # dQ programs are per diff-head; dK/dV (and the one-launch forms) per key/value group.
     scalars = (H, H // hkv, N, seqlen_bucket(N), grid_bucket(B, H, N)) + tail
@@ -159,7 +159,7 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
         if form == "separate":
             launch("dkdv", _bwd_dkdv, lambda meta: (cdiv(N, meta["BLOCK_N"]) * B * hkv,), (
                 q, k, v, g, lse, delta, lam_bhn, dk, dv,
-                *q_s, *k_s, *v_s, *g.stride(), *lam_bhn.stride(), *dk_s, *dv_s, *scalars_kv), kwargs, problem)
+                *q_s, *k_s, *v_s, *g.stride(), *lam_bhn.stride(), *dk_s, *dv_s, *scalars_kv), kwargs_kv, problem)
             launch("dq", _bwd_dq, lambda meta: (cdiv(N, meta["BLOCK_M"]) * B * H,), (
                 q, k, v, g, lse, delta, lam_bhn, dq,
                 *q_s, *k_s, *v_s, *g.stride(), *lam_bhn.stride(), *dq_s, *scalars), kwargs, problem)
@@ -173,7 +173,7 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
             launch(form, _bwd_atomic if atomic else _bwd_fused, lambda meta: (cdiv(N, meta["BLOCK_N"]) * B * hkv,), (
                 q, k, v, g, lse, delta, lam_bhn, dk, dv, dq_acc,
                 *q_s, *k_s, *v_s, *g.stride(), *lam_bhn.stride(), *dk_s, *dv_s,
-                *pair_strides(dq_acc, head_layout, H), *scalars_kv), dict(kwargs, DQ_ATOMIC=atomic), problem)
+                *pair_strides(dq_acc, head_layout, H), *scalars_kv), dict(kwargs_kv, DQ_ATOMIC=atomic), problem)
             if dq_acc is not dq:
                 dq.copy_(dq_acc)
     dw = dw_part.sum(0).to(norm_weight.dtype) if dw_part is not None else None

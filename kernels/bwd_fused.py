@@ -39,8 +39,8 @@ def _bwd_fused_kernel(
     H, GROUP, N, N_BUCKET, GRID_BUCKET, qk_scale, sm_scale, do_scale,
     HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, V_SPLIT: tl.constexpr,
     CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr, DQ_ATOMIC: tl.constexpr, GQA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr = False,
 ):
     """One program per (batch, key/value group, block p): key block p's dK/dV of the group (summed over its GROUP
     diff-heads), then (unless DQ_ATOMIC) query block p's dQ of each of those diff-heads, with the block sizes
@@ -53,7 +53,8 @@ def _bwd_fused_kernel(
                   stride_dkd, stride_dvb, stride_dvh, stride_dvs, stride_dvn, stride_dvd, stride_dqb, stride_dqh,
                   stride_dqp, stride_dqn, stride_dqd,
                   H, GROUP, N, qk_scale, sm_scale, do_scale, blk, bg,
-                  HEAD_DIM, V_WIDTH, SHARED_K, V_SPLIT, CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, SPLIT, DQ_ATOMIC)
+                  HEAD_DIM, V_WIDTH, SHARED_K, V_SPLIT, CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, SPLIT, DQ_ATOMIC,
+                  GQA)
     if not DQ_ATOMIC:
         first = (bg // (H // GROUP)) * H + (bg % (H // GROUP)) * GROUP  # (batch·head) index of the group's first
         for j in range(GROUP):
@@ -69,7 +70,8 @@ def _bwd_fused_kernel(
 # One autotuned object per form, each with its own row list (configs.ROWS["fused"] / ["atomic"]). DQ_ATOMIC is in
 # the key all the same (a key must hold every flag that changes the kernel). ARCH, V_WIDTH, SHARED_K, V_SPLIT and why
 # GROUP is not in it: see the forward's key (fwd.py); GRID_BUCKET counts this launch's programs (B·Hkv·blocks).
-_KEY = ["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "V_WIDTH", "SHARED_K", "V_SPLIT", "CAUSAL", "ARCH", "DQ_ATOMIC"]
+_KEY = ["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "V_WIDTH", "SHARED_K", "V_SPLIT", "CAUSAL", "ARCH", "DQ_ATOMIC",
+        "GQA"]
 _bwd_fused = triton.autotune(configs=autotune_configs("fused"), key=_KEY,
                              prune_configs_by={"early_config_prune": PRUNE["fused"]})(_bwd_fused_kernel)
 _bwd_atomic = triton.autotune(configs=autotune_configs("atomic"), key=_KEY,

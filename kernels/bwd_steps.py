@@ -124,12 +124,13 @@ def _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, q_base, stride_qp, stride_qn, s
 @triton.jit
 def _dkdv_pass(dk1, dk2, dv, k1, k2, v, offs_n, common_q, atomic_q, start_n, N, qk_scale, do_scale,
                CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               DO_DK: tl.constexpr, DO_DV: tl.constexpr, DQ_ATOMIC: tl.constexpr, SHARED_K: tl.constexpr):
+               DO_DK: tl.constexpr, DO_DV: tl.constexpr, DQ_ATOMIC: tl.constexpr, SHARED_K: tl.constexpr,
+               ONE_LOOP: tl.constexpr):
     """All query blocks that see this key block: the causal diagonal (masked), then the rest (unmasked). In the
-    two-pass (split) form, causal runs one masked loop instead: two loop bodies per pass (four in all) spill
-    where one does not. `atomic_q` = (dQ pointer of the diff-head, its head/row/feature strides, s): read only
-    with DQ_ATOMIC, in the pass that computes dK."""
-    if CAUSAL and not (DO_DK and DO_DV):
+    two-pass (split) form, and with ONE_LOOP (GQA: the loop over a group's diff-heads around it), causal runs one
+    masked loop instead: the two loop bodies spill where one does not (as in varlen_bwd). `atomic_q` = (dQ pointer
+    of the diff-head, its head/row/feature strides, s): read only with DQ_ATOMIC, in the pass that computes dK."""
+    if CAUSAL and (ONE_LOOP or not (DO_DK and DO_DV)):
         lo = (start_n // BLOCK_M) * BLOCK_M
         dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, *common_q, lo, N, qk_scale, do_scale,
                                    *atomic_q, True, BLOCK_M, DOT_PRECISION, DO_DK, DO_DV, DQ_ATOMIC and DO_DK, False,
@@ -192,9 +193,8 @@ def _dkdv_program(
     stride_dqb, stride_dqh, stride_dqp, stride_dqn, stride_dqd,
     H, GROUP, N, qk_scale, sm_scale, do_scale, block_n, bg,
     HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, V_SPLIT: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, DQ_ATOMIC: tl.constexpr, GQA: tl.constexpr,
 ):
     """dK1, dK2 and dV of key block `block_n` of (batch·group) `bg`: loops over the group's GROUP diff-heads, in
     order, and over the query blocks of each that see the block; the group's sums stay in registers and are stored
@@ -204,7 +204,8 @@ def _dkdv_program(
     at a time instead of 4d, which lets d = 128 use 64-key blocks (wgmma on Hopper) without spilling; the price is
     recomputing both maps (two QKᵀ and their exponentials) in the second pass.
     DQ_ATOMIC: the dK pass also adds this block's share of dQ to DQ (fp32, zeroed by the caller) atomically.
-    GROUP == 1 (no GQA) is specialised by Triton: the one-trip head loops then fold away."""
+    GROUP == 1 (no GQA) is specialised by Triton: the one-trip head loops then fold away. GQA (GROUP > 1, a flag of
+    its own because GROUP is a runtime int) runs the causal queries in one masked loop (`_dkdv_pass`)."""
     start_n = block_n * BLOCK_N
     hkv = H // GROUP
     b = (bg // hkv).to(tl.int64)
@@ -227,19 +228,19 @@ def _dkdv_program(
             common_q, atomic_q = _query_side(heads, g * GROUP + j)
             dk1, dk2, dv = _dkdv_pass(dk1, dk2, dv, k1, k2, v, offs_n, common_q, atomic_q, start_n, N, qk_scale,
                                       do_scale, CAUSAL, BLOCK_M, BLOCK_N, DOT_PRECISION, True, False, DQ_ATOMIC,
-                                      SHARED_K)
+                                      SHARED_K, GQA)
         _store_dk(DK, dk1, dk2, b, g, start_n, stride_dkb, stride_dkh, stride_dkp, stride_dkn, stride_dkd, offs_d,
                   key_ok, sm_scale, BLOCK_N, SHARED_K)
         for j in range(GROUP):
             common_q, atomic_q = _query_side(heads, g * GROUP + j)
             dv = _dkdv_pass(dk1, dk2, dv, k1, k2, v, offs_n, common_q, atomic_q, start_n, N, qk_scale, do_scale,
-                            CAUSAL, BLOCK_M, BLOCK_N, DOT_PRECISION, False, True, DQ_ATOMIC, SHARED_K)[2]
+                            CAUSAL, BLOCK_M, BLOCK_N, DOT_PRECISION, False, True, DQ_ATOMIC, SHARED_K, GQA)[2]
     else:
         for j in range(GROUP):
             common_q, atomic_q = _query_side(heads, g * GROUP + j)
             dk1, dk2, dv = _dkdv_pass(dk1, dk2, dv, k1, k2, v, offs_n, common_q, atomic_q, start_n, N, qk_scale,
                                       do_scale, CAUSAL, BLOCK_M, BLOCK_N, DOT_PRECISION, True, True, DQ_ATOMIC,
-                                      SHARED_K)
+                                      SHARED_K, GQA)
         _store_dk(DK, dk1, dk2, b, g, start_n, stride_dkb, stride_dkh, stride_dkp, stride_dkn, stride_dkd, offs_d,
                   key_ok, sm_scale, BLOCK_N, SHARED_K)
 

@@ -166,6 +166,8 @@ def _bwd_signature(fn, dtype, head_dim, causal, cfg, pointers, group=1, head_lay
                       "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", **cfg.kwargs}
     if "GROUP" in fn.arg_names:
         _layout_consts(sig, const, head_dim, group, head_layout)
+    if "GQA" in fn.arg_names:  # the dK/dV programs' flag for GROUP > 1
+        const["GQA"] = group > 1
     for a in fn.arg_names:
         if a in sig:
             continue
