@@ -136,10 +136,10 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
     dv = alloc.empty_like(v)
     if value_strides(dv, head_layout, hkv)[2] > MAX_SPLIT_OFFSET:  # a non-dense halves v: empty_like is contiguous
         dv = alloc.empty(B, N, 2 * hkv, d, dtype=v.dtype, device=v.device).transpose(1, 2)  # split Hkv·d instead
-    problem = Problem(d, q.element_size(), causal, N, device_sm(q.device))
+    v_split = value_split(v, head_layout, hkv) or value_split(dv, head_layout, hkv)
+    problem = Problem(d, q.element_size(), causal, N, device_sm(q.device), hkv < H, head_layout == "v2", v_split)
     form = bwd_form(problem)
-    kwargs = dict(HEAD_DIM=d, V_WIDTH=width, SHARED_K=head_layout == "v2", CAUSAL=causal,
-                  V_SPLIT=value_split(v, head_layout, hkv) or value_split(dv, head_layout, hkv),
+    kwargs = dict(HEAD_DIM=d, V_WIDTH=width, SHARED_K=head_layout == "v2", V_SPLIT=v_split, CAUSAL=causal,
                   DOT_PRECISION=dot_precision(q.dtype), ARCH=problem.sm)
     q_s, dq_s = pair_strides(q, head_layout, H), pair_strides(dq, head_layout, H)
     k_s, dk_s = pair_strides(k, head_layout, hkv, key=True), pair_strides(dk, head_layout, hkv, key=True)

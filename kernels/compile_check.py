@@ -106,9 +106,18 @@ def _ptr(dtype):
 
 
 # name -> (GROUP, head layout) of the head-layout variants (module docstring). GROUP > 1 compiles as a runtime int.
-VARIANTS = {"gqa": (4, "interleaved"), "halves": (4, "halves"), "v2": (1, "v2"), "v2gqa": (4, "v2")}
+VARIANTS = {"gqa": (4, "interleaved"), "halves": (1, "halves"), "halvesgqa": (4, "halves"), "v2": (1, "v2"),
+            "v2gqa": (4, "v2")}
 VARIANT_HEAD_DIMS = (64, 128)
 VARIANT_DTYPES = ("bf16", "fp32")  # fp16 compiles to bf16's registers (same operand width); fp32: the exact path
+
+
+def variant_flags(variant) -> tuple:
+    """(gqa, v2, split): the configs.Problem flags of a head-layout variant (None: the default kernels)."""
+    if variant is None:
+        return False, False, False
+    group, layout = VARIANTS[variant]
+    return group > 1, layout == "v2", layout == "halves"
 
 
 def _layout_consts(sig, const, head_dim, group, head_layout):
@@ -247,12 +256,14 @@ def _result(kernel, compiled, arch, dtype, head_dim, causal, cfg):
     )
 
 
-def default_configs(kernel, arch, dtype, head_dim, causal, seqlens=(197, 4096)):
+def default_configs(kernel, arch, dtype, head_dim, causal, seqlens=(197, 4096), variant=None):
     """The configs autotuning may pick on `arch` for one problem class (the lists of kernels/configs.py, pruned) at
-    any of `seqlens`: short-sequence rows and the rows for long sequences (configs.LONG) alike."""
+    any of `seqlens`: short-sequence rows and the rows for long sequences (configs.LONG) alike; for a head-layout
+    `variant` (VARIANTS) the rows its problems fit."""
+    flags = variant_flags(variant)
     rows = []
     for n in seqlens:
-        p = configs.Problem(head_dim, 4 if dtype == "fp32" else 2, causal, n, arch)
+        p = configs.Problem(head_dim, 4 if dtype == "fp32" else 2, causal, n, arch, *flags)
         rows += [r for r in configs.fitting_rows(kernel, p) if r not in rows]
     return [r.config() for r in rows]
 
@@ -288,11 +299,11 @@ def check_variant(name, arch, dtype, head_dim, causal):
     group, layout = VARIANTS[name]
     out = [_result(f"fwd_{name}", compile_fwd(arch, dtype, head_dim, causal, cfg, group=group, head_layout=layout),
                    arch, dtype, head_dim, causal, cfg)
-           for cfg in default_configs("fwd", arch, dtype, head_dim, causal)]
+           for cfg in default_configs("fwd", arch, dtype, head_dim, causal, variant=name)]
     for kernel in ("dkdv", "dq"):
         out += [_result(f"{kernel}_{name}", compile_bwd(kernel, arch, dtype, head_dim, causal, cfg, group, layout),
                         arch, dtype, head_dim, causal, cfg)
-                for cfg in default_configs(kernel, arch, dtype, head_dim, causal)]
+                for cfg in default_configs(kernel, arch, dtype, head_dim, causal, variant=name)]
     return out
 
 

@@ -26,7 +26,7 @@ import triton
 
 from . import configs
 from .compile_check import (SMEM_LIMIT, VARIANTS, _aligned_strides, _bwd_signature, _compile, compile_bwd, mma_kind,
-                            mma_shapes, ptxas_report)
+                            mma_shapes, ptxas_report, variant_flags)
 from .runtime import interpreter_enabled
 
 KERNELS = ("dkdv", "dq", "fused", "atomic")
@@ -84,8 +84,8 @@ def parse_row(text: str) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split}, num_warps=warps, num_stages=stages)
 
 
-def listed_configs(kernel, arch, dtype, head_dim, causal, seqlen=4096):
-    p = configs.Problem(head_dim, 4 if dtype == "fp32" else 2, causal, seqlen, arch)
+def listed_configs(kernel, arch, dtype, head_dim, causal, seqlen=4096, variant=None):
+    p = configs.Problem(head_dim, 4 if dtype == "fp32" else 2, causal, seqlen, arch, *variant_flags(variant))
     return [r.config() for r in configs.fitting_rows(kernel, p)]
 
 
@@ -97,7 +97,8 @@ def collect(kernels=KERNELS, archs=(80, 90), dtypes=("fp16", "bf16", "fp32"), he
             for dtype in dtypes:
                 for d in head_dims:
                     for causal in causals:
-                        cfgs = rows if rows is not None else listed_configs(kernel, arch, dtype, d, causal)
+                        cfgs = rows if rows is not None else listed_configs(kernel, arch, dtype, d, causal,
+                                                                            variant=variant)
                         for cfg in cfgs:
                             if kernel == "dq" and "SPLIT" in cfg.kwargs:
                                 cfg = triton.Config({k: v for k, v in cfg.kwargs.items() if k != "SPLIT"},

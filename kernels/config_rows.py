@@ -88,6 +88,16 @@ ATOMIC_ROWS = [
     _dkdv(16, 32, 8, 2, _D128),  # 32x32x8w spills 4-16 B (3.8: sm_80 full, sm_90 causal)
     # No fp32 rows (see FUSED_ROWS).
 ]
+# (kernel, row key) -> ((Problem flag, highest compute capability x10), ...): rows not listed for the head-layout
+# variant problems with that flag on those architectures, because they spill there (ptxas, Triton 3.6 and 3.8;
+# `python -m kernels.compile_check` compiles the variants as fwd_gqa, dkdv_v2, ...). Filled from the 2026-12-01
+# variant sweep.
+_VARIANT_SPILLS: dict = {}
+# (kernel, row key) -> (Problem flag, lowest compute capability x10): rows listed for the variant problems with that
+# flag on older architectures than their min_sm, as the clean replacement of rows _VARIANT_SPILLS takes away there.
+_VARIANT_MIN_SM: dict = {
+    ("dkdv", (16, 16, 8, 1, False)): ("gqa", 80),  # fp32 GQA on sm_80: 16x16x4x2 spills 4-36 B there, this one not
+}
 # (kernel, row key) that are listed for non-causal problems only (they spill causal).
 _FULL_ONLY = {("fused", (32, 64, 8, 2, False)), ("fused", (16, 128, 8, 2, False)), ("fused", (32, 32, 8, 2, False)),
               ("atomic", (32, 64, 8, 2, False)),
@@ -227,11 +237,20 @@ class Problem:
     causal: bool
     seqlen: int
     sm: int
+    # Head-layout variants (kernels.diff_attn's head_layout, GQA) that change the compiled kernels: GQA (a group loop
+    # in the dK/dV programs), v2 (a d-wide value, one K tile for both maps) and split (a "halves" value addressed
+    # in two halves). The rows are sized for the default (all False); _VARIANT_SPILLS lists where that fails.
+    gqa: bool = False
+    v2: bool = False
+    split: bool = False
 
 
 def row_fits(kernel: str, row: Row, p: Problem) -> bool:
     """Whether a row is legal and worth trying for this problem."""
-    if p.head_dim not in row.head_dims or not row.min_sm <= p.sm <= row.max_sm or row.fp32 != (p.dtype_bytes == 4):
+    min_sm = row.min_sm
+    if (kernel, row.key) in _VARIANT_MIN_SM and getattr(p, _VARIANT_MIN_SM[kernel, row.key][0]):
+        min_sm = min(min_sm, _VARIANT_MIN_SM[kernel, row.key][1])
+    if p.head_dim not in row.head_dims or not min_sm <= p.sm <= row.max_sm or row.fp32 != (p.dtype_bytes == 4):
         return False
     # The forward's causal split must be BLOCK_N-aligned (a static_assert in the kernel says so too); the
     # backward's loops need no alignment.
@@ -241,7 +260,16 @@ def row_fits(kernel: str, row: Row, p: Problem) -> bool:
         return False
     if p.causal and (kernel, row.key) in _FULL_ONLY:
         return False
+    if (p.gqa or p.v2 or p.split) and _variant_excluded(kernel, row, p):
+        return False
     return not (row.block_m > 64 and p.seqlen <= 64)  # short sequences: a 128-row block would be mostly masked
+
+
+def _variant_excluded(kernel: str, row: Row, p: Problem) -> bool:
+    for flag, max_sm in _VARIANT_SPILLS.get((kernel, row.key), ()):
+        if getattr(p, flag) and p.sm <= max_sm:
+            return True
+    return False
 
 
 def fitting_rows(kernel: str, p: Problem) -> list:

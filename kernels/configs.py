@@ -222,7 +222,8 @@ def _prune(kernel: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         q = args["Q"]
-        p = Problem(int(args["HEAD_DIM"]), q.element_size(), bool(args["CAUSAL"]), int(args["N"]), int(args["ARCH"]))
+        p = Problem(int(args["HEAD_DIM"]), q.element_size(), bool(args["CAUSAL"]), int(args["N"]), int(args["ARCH"]),
+                    int(args["GROUP"]) > 1, bool(args["SHARED_K"]), bool(args["V_SPLIT"]))
         kept = [c for c in configs if (row := row_of(kernel, c)) is None or row_fits(kernel, row, p)]
         if not kept:
             raise RuntimeError(f"no {kernel} config fits {p}")

@@ -326,7 +326,8 @@ def diff_attn_fwd(q, k, v, lam_bhn, norm_weight, *, causal, scale, norm_eps, out
         if norm_weight is not None:
             o_pre = alloc.empty(B, H, N, width, dtype=q.dtype, device=q.device)
 
-    problem = Problem(d, q.element_size(), causal, N, device_sm(q.device))
+    v_split = value_split(v, head_layout, hkv)
+    problem = Problem(d, q.element_size(), causal, N, device_sm(q.device), hkv < H, head_layout == "v2", v_split)
 
     def grid(meta):
         return (cdiv(N, meta["BLOCK_M"]) * B * H,)
@@ -338,7 +339,7 @@ def diff_attn_fwd(q, k, v, lam_bhn, norm_weight, *, causal, scale, norm_eps, out
         norm_weight.stride(0) if norm_weight is not None else 0,
         H, H // hkv, N, seqlen_bucket(N), grid_bucket(B, H, N), scale * LOG2E, norm_eps, out_scale,
     ]
-    kwargs = dict(HEAD_DIM=d, V_WIDTH=width, SHARED_K=head_layout == "v2", V_SPLIT=value_split(v, head_layout, hkv),
+    kwargs = dict(HEAD_DIM=d, V_WIDTH=width, SHARED_K=head_layout == "v2", V_SPLIT=v_split,
                   CAUSAL=causal, HAS_NORM=norm_weight is not None, SAVE_FOR_BWD=save_for_bwd,
                   DOT_PRECISION=dot_precision(q.dtype), ARCH=problem.sm)
     # The SPLIT form's fp32 scratch (map 2's accumulator, B·H·N·2d fp32: 268 MB at B=4 H=16 N=4096 d=64), allocated
