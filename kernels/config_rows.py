@@ -11,6 +11,7 @@ shape, not on the `triton.Config` objects: Triton's on-disk autotune cache (TRIT
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import triton
@@ -88,6 +89,31 @@ ATOMIC_ROWS = [
     _dkdv(16, 32, 8, 2, _D128),  # 32x32x8w spills 4-16 B (3.8: sm_80 full, sm_90 causal)
     # No fp32 rows (see FUSED_ROWS).
 ]
+# Head-layout variants (Problem.gqa / v2 / split; compile_check.VARIANTS compiles them as fwd_gqa, dkdv_v2, ...).
+# _VARIANT_SPILLS: (kernel, row key) -> ((flags, highest compute capability x10), ...): rows not listed for the
+# problems with all of those flags ("gqa+v2": both) on those architectures, because ptxas (Triton 3.6 or 3.8) spills
+# them there. _VARIANT_ROWS: (kernel, row key) -> (flags, Row fields): rows listed more widely for such problems,
+# as the clean replacements. From the 2026-12-01 variant sweep (bf16/fp32, d = 64/128; NOTES in each entry).
+_VARIANT_SPILLS: dict = {
+    # dK/dV with GQA (the group loop; its causal queries run in one masked loop, which already removed 150-280 B)
+    ("dkdv", (16, 64, 4, 3, False)): (("gqa", 1000),),  # 4-56 B non-causal, sm_80 and sm_90, 3.6 and 3.8
+    ("dkdv", (16, 128, 8, 2, False)): (("gqa", 89),),  # 8-28 B causal on sm_80
+    ("dkdv", (64, 16, 4, 2, False)): (("gqa", 1000),),  # 4-8 B (3.8: with v2, non-causal; 3.6: causal on sm_90)
+    ("dkdv", (32, 64, 8, 2, False)): (("gqa", 1000),),  # 8-68 B on sm_90 with Triton 3.6
+    ("dkdv", (16, 64, 8, 2, True)): (("gqa+v2", 1000),),  # d=128: 64 B causal with Triton 3.6
+    ("dkdv", (16, 16, 4, 2, False)): (("gqa", 89),),  # fp32 on sm_80: 8-40 B; replaced by 16x16x8x1 (_VARIANT_ROWS)
+    ("fused", (32, 64, 8, 2, False)): (("gqa", 1000),),  # 4 B non-causal (3.8)
+    ("fused", (16, 64, 8, 2, True)): (("gqa", 1000),),  # d=128: 16-100 B
+    ("atomic", (16, 64, 4, 3, False)): (("gqa", 1000),),  # 60-84 B
+    ("atomic", (32, 32, 4, 2, False)): (("split", 1000),),  # halves: 4 B causal on sm_90 (3.8)
+    # forward with the v2 layout's d-wide value: the 64x64 8-warp rows spill 4-16 B on sm_80
+    ("fwd", (64, 64, 8, 2, None)): (("v2", 89),),
+    ("fwd", (64, 64, 8, 3, None)): (("v2", 89),),
+}
+_VARIANT_ROWS: dict = {
+    ("dkdv", (16, 16, 8, 1, False)): ("gqa", dict(min_sm=80)),  # fp32 GQA on sm_80, where 16x16x4x2 spills
+    ("fwd", (64, 32, 8, 3, None)): ("v2", dict(max_seqlen=1 << 62)),  # v2 on sm_80 at N >= LONG, where 64x64 spill
+}
 # (kernel, row key) that are listed for non-causal problems only (they spill causal).
 _FULL_ONLY = {("fused", (32, 64, 8, 2, False)), ("fused", (16, 128, 8, 2, False)), ("fused", (32, 32, 8, 2, False)),
               ("atomic", (32, 64, 8, 2, False)),
@@ -227,10 +253,19 @@ class Problem:
     causal: bool
     seqlen: int
     sm: int
+    # Head-layout variants (kernels.diff_attn's head_layout, GQA) that change the compiled kernels: GQA (a group loop
+    # in the dK/dV programs), v2 (a d-wide value, one K tile for both maps) and split (a "halves" value addressed
+    # in two halves). The rows are sized for the default (all False); _VARIANT_SPILLS lists where that fails.
+    gqa: bool = False
+    v2: bool = False
+    split: bool = False
 
 
 def row_fits(kernel: str, row: Row, p: Problem) -> bool:
     """Whether a row is legal and worth trying for this problem."""
+    wider = _VARIANT_ROWS.get((kernel, row.key))
+    if wider is not None and _flags_on(p, wider[0]):
+        row = dataclasses.replace(row, **wider[1])
     if p.head_dim not in row.head_dims or not row.min_sm <= p.sm <= row.max_sm or row.fp32 != (p.dtype_bytes == 4):
         return False
     # The forward's causal split must be BLOCK_N-aligned (a static_assert in the kernel says so too); the
@@ -241,7 +276,17 @@ def row_fits(kernel: str, row: Row, p: Problem) -> bool:
         return False
     if p.causal and (kernel, row.key) in _FULL_ONLY:
         return False
+    if (p.gqa or p.v2 or p.split) and _variant_excluded(kernel, row, p):
+        return False
     return not (row.block_m > 64 and p.seqlen <= 64)  # short sequences: a 128-row block would be mostly masked
+
+
+def _flags_on(p: Problem, flags: str) -> bool:
+    return all(getattr(p, f) for f in flags.split("+"))
+
+
+def _variant_excluded(kernel: str, row: Row, p: Problem) -> bool:
+    return any(_flags_on(p, flags) and p.sm <= max_sm for flags, max_sm in _VARIANT_SPILLS.get((kernel, row.key), ()))
 
 
 def fitting_rows(kernel: str, p: Problem) -> list:

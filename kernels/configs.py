@@ -222,7 +222,8 @@ def _prune(kernel: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         q = args["Q"]
-        p = Problem(int(args["HEAD_DIM"]), q.element_size(), bool(args["CAUSAL"]), int(args["N"]), int(args["ARCH"]))
+        p = Problem(int(args["HEAD_DIM"]), q.element_size(), bool(args["CAUSAL"]), int(args["N"]), int(args["ARCH"]),
+                    int(args["GROUP"]) > 1, bool(args["SHARED_K"]), bool(args["V_SPLIT"]))
         kept = [c for c in configs if (row := row_of(kernel, c)) is None or row_fits(kernel, row, p)]
         if not kept:
             raise RuntimeError(f"no {kernel} config fits {p}")
@@ -257,7 +258,8 @@ def seqlen_bucket(n: int) -> int:
     return max(16, next_power_of_2(n))
 
 
-def pre_block_m(head_dim: int) -> int:
-    """Rows per backward-preprocess program: the (rows x 2d) fp32 tiles it holds (dO, o, O2, g) stay at 4096
-    elements, i.e. 32 registers each for 4 warps, so d = 128 does not spill."""
-    return 4096 // (2 * head_dim)
+def pre_block_m(width: int) -> int:
+    """Rows per backward-preprocess program for output rows of `width` (2d; d for the v2 head layout): the
+    (rows x width) fp32 tiles it holds (dO, o, O2, g) stay at 4096 elements, i.e. 32 registers each for 4 warps, so
+    d = 128 does not spill."""
+    return 4096 // width

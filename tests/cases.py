@@ -56,3 +56,26 @@ def to64(x):
     if isinstance(x, torch.Tensor):
         return x.detach().double().requires_grad_(x.requires_grad)
     return x
+
+
+def make_layout_qkv(B, H, Hkv, N, d, dtype, device, head_layout="interleaved", requires_grad=False, seed=0,
+                    token_major=False):
+    """q (B, 2H, N, d) and the k, v of `head_layout` with Hkv key/value groups (kernels.diff_attn's docstring):
+    interleaved k (B, 2Hkv, N, d), v (B, Hkv, N, 2d); halves k, v (B, 2Hkv, N, d); v2 k, v (B, Hkv, N, d).
+    token_major: transposed views of (B, N, heads·width) projections (what a model feeds in) instead of contiguous
+    tensors."""
+    g = torch.Generator().manual_seed(seed)
+    k_heads = Hkv if head_layout == "v2" else 2 * Hkv
+    v_shape = {"interleaved": (Hkv, 2 * d), "halves": (2 * Hkv, d), "v2": (Hkv, d)}[head_layout]
+
+    def rnd(heads, width):
+        if token_major:
+            x = torch.randn(B, N, heads * width, generator=g).to(device=device, dtype=dtype)
+            return x.view(B, N, heads, width).transpose(1, 2)
+        return torch.randn(B, heads, N, width, generator=g).to(device=device, dtype=dtype)
+
+    q, k, v = rnd(2 * H, d), rnd(k_heads, d), rnd(*v_shape)
+    if requires_grad:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    return q, k, v

@@ -110,3 +110,19 @@ def test_compile_report_counts_mma_instruction_shapes():
                      + ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {...};", "wgmma.fence.sync.aligned;"])
     assert mma_shapes(ptx) == "m64n128k16x5 m64n64k16x3 m16n8k16x1"
     assert mma_shapes("fma.rn.f32 %f1, %f2, %f3, %f4;") == ""
+
+
+# Head-layout variants (kernels.compile_check.VARIANTS: GQA's runtime group size and its dK/dV group loop, the
+# "halves" value addressed in two halves, the v2 layout's d-wide value): every row the variant's problems are listed
+# for (configs._VARIANT_SPILLS prunes the rows that spill there) compiles within shared memory and without spills.
+from kernels.compile_check import VARIANT_DTYPES, VARIANT_HEAD_DIMS, VARIANTS  # noqa: E402
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", VARIANT_DTYPES)
+@pytest.mark.parametrize("d", VARIANT_HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_compile_head_layout_variants(compile_results, variant, kernel, arch, dtype, d, causal):
+    _check(compile_results, f"{kernel}_{variant}", arch, dtype, d, causal)

@@ -34,6 +34,10 @@ def test_autotune_key_names_are_kernel_arguments(kernel):
     tuner = AUTOTUNED[kernel]
     assert set(tuner.keys) <= set(tuner.arg_names), set(tuner.keys) - set(tuner.arg_names)
     assert {"N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "ARCH"} <= set(tuner.keys)
+    # the head layouts' flags change the compiled kernel (V_WIDTH, SHARED_K: v2; V_SPLIT: halves; GQA: dK/dV)
+    assert {"V_WIDTH", "SHARED_K", "V_SPLIT"} <= set(tuner.keys)
+    if kernel == "dkdv":
+        assert "GQA" in tuner.keys
     if kernel == "fwd":
         assert "HAS_NORM" in tuner.keys
         # Training and inference forwards share one choice (tests/kernels/test_autotune_policy.py)
@@ -54,6 +58,23 @@ def test_every_kernel_has_a_row_for_every_problem_class():
                     for causal in (False, True):
                         p = configs.Problem(d, nbytes, causal, 197, sm)
                         assert configs.fitting_rows(kernel, p), p
+
+
+@pytest.mark.parametrize("gqa,v2,split", [(True, False, False), (False, True, False), (True, True, False),
+                                          (False, False, True), (True, False, True)],
+                         ids=["gqa", "v2", "v2gqa", "halves", "halvesgqa"])
+def test_every_kernel_has_a_row_for_every_head_layout_problem(gqa, v2, split):
+    """Pruning the rows that spill in a head-layout variant (configs._VARIANT_SPILLS) leaves every class a row."""
+    for kernel in configs.ALL_KERNELS:
+        for d in (16, 32, 64, 128):
+            for nbytes in (2, 4):
+                for sm in (80, 90):
+                    for causal in (False, True):
+                        for n in (197, 4096):
+                            p = configs.Problem(d, nbytes, causal, n, sm, gqa, v2, split)
+                            if kernel in ("fused", "atomic") and nbytes == 4:
+                                continue  # fp32 runs the separate form (configs.bwd_form)
+                            assert configs.fitting_rows(kernel, p), (kernel, p)
 
 
 def test_autotuning_times_at_most_five_candidates_per_kernel():

@@ -242,7 +242,7 @@ def test_compiled_call_reports_the_validation_message():
     torch._dynamo.reset()
     q, k, v = make_qkv(1, 1, 8, 16, torch.float32, DEVICE)
     f = torch.compile(lambda q, k, v: diff_attn(q, k, v, 0.5), fullgraph=True, backend=BACKEND)
-    with pytest.raises(Exception, match=r"v must have shape \(B, H, N, 2d\)"):
+    with pytest.raises(Exception, match=r"v must have shape \(B, Hkv, N, 2d\)"):
         f(q, k, v[..., :16])
 
 
