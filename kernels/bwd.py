@@ -36,61 +36,67 @@ from .bwd_steps import _dkdv_program, _dq_program
 from .configs import (PRUNE, Problem, autotune_configs, bwd_form, cdiv, device_sm, grid_bucket, launch,
                       pre_block_m, seqlen_bucket)
 from .fwd import LOG2E, _block_and_head, dot_precision
+from .layouts import kv_heads, pair_strides, value_strides, value_width
 from .runtime import device_guard
-from .validate import tile_strides_ok
+from .validate import MAX_SPLIT_OFFSET, tile_strides_ok
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, LAM, DK, DV,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_qb, stride_qh, stride_qp, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kp, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_lb, stride_lh, stride_ln,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, N, N_BUCKET, GRID_BUCKET, qk_scale, sm_scale, do_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr = False,
+    stride_dkb, stride_dkh, stride_dkp, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvs, stride_dvn, stride_dvd,
+    H, GROUP, N, N_BUCKET, GRID_BUCKET, qk_scale, sm_scale, do_scale,
+    HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr = False,
 ):
-    """One program: BLOCK_N keys of one diff-head (`_dkdv_program`). Causal key blocks are heaviest first already
-    (block 0 is seen by every query). SPLIT (two passes, see `_dkdv_program`) is off by default, so that a config
-    without the flag (e.g. one given to `force_configs`) launches the one-pass form."""
-    block_n, bh = _block_and_head(N, BLOCK_N, False)
+    """One program: BLOCK_N keys of one key/value group, summed over its diff-heads (`_dkdv_program`). Causal key
+    blocks are heaviest first already (block 0 is seen by every query). SPLIT (two passes, see `_dkdv_program`) is
+    off by default, so that a config without the flag (e.g. one given to `force_configs`) launches the one-pass
+    form."""
+    block_n, bg = _block_and_head(N, BLOCK_N, False)
     _dkdv_program(Q, K, V, DO, LSE, DELTA, LAM, DK, DV, DK,
-                  stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                  stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
-                  stride_lb, stride_lh, stride_ln, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-                  stride_dvb, stride_dvh, stride_dvn, stride_dvd, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-                  H, N, qk_scale, sm_scale, do_scale, block_n, bh,
-                  HEAD_DIM, CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, SPLIT, False)
+                  stride_qb, stride_qh, stride_qp, stride_qn, stride_qd, stride_kb, stride_kh, stride_kp, stride_kn,
+                  stride_kd, stride_vb, stride_vh, stride_vs, stride_vn, stride_vd, stride_ob, stride_oh, stride_on,
+                  stride_od, stride_lb, stride_lh, stride_ln, stride_dkb, stride_dkh, stride_dkp, stride_dkn,
+                  stride_dkd, stride_dvb, stride_dvh, stride_dvs, stride_dvn, stride_dvd, stride_dkb, stride_dkh,
+                  stride_dkp, stride_dkn, stride_dkd,
+                  H, GROUP, N, qk_scale, sm_scale, do_scale, block_n, bg,
+                  HEAD_DIM, V_WIDTH, SHARED_K, CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, SPLIT, False)
 
 
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, LAM, DQ,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_qb, stride_qh, stride_qp, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kp, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_lb, stride_lh, stride_ln,
-    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    H, N, N_BUCKET, GRID_BUCKET, qk_scale, sm_scale, do_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_dqb, stride_dqh, stride_dqp, stride_dqn, stride_dqd,
+    H, GROUP, N, N_BUCKET, GRID_BUCKET, qk_scale, sm_scale, do_scale,
+    HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one diff-head (`_dq_program`); causal: heaviest blocks first."""
     block_m, bh = _block_and_head(N, BLOCK_M, CAUSAL)
     _dq_program(Q, K, V, DO, LSE, DELTA, LAM, DQ,
-                stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
-                stride_lb, stride_lh, stride_ln, stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-                H, N, qk_scale, sm_scale, do_scale, block_m, bh,
-                HEAD_DIM, CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                stride_qb, stride_qh, stride_qp, stride_qn, stride_qd, stride_kb, stride_kh, stride_kp, stride_kn,
+                stride_kd, stride_vb, stride_vh, stride_vs, stride_vn, stride_vd, stride_ob, stride_oh, stride_on,
+                stride_od, stride_lb, stride_lh, stride_ln, stride_dqb, stride_dqh, stride_dqp, stride_dqn, stride_dqd,
+                H, GROUP, N, qk_scale, sm_scale, do_scale, block_m, bh,
+                HEAD_DIM, V_WIDTH, SHARED_K, CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
 
-_KEY = ["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "ARCH"]  # ARCH: see the forward's key (fwd.py)
+# ARCH, V_WIDTH, SHARED_K and why GROUP is not in the key: see the forward's key (fwd.py). GRID_BUCKET counts each
+# launch's own programs (dK/dV: B·Hkv·blocks).
+_KEY = ["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "V_WIDTH", "SHARED_K", "CAUSAL", "ARCH"]
 _bwd_dkdv = triton.autotune(configs=autotune_configs("dkdv"), key=_KEY,
                             prune_configs_by={"early_config_prune": PRUNE["dkdv"]})(_bwd_dkdv_kernel)
 _bwd_dq = triton.autotune(configs=autotune_configs("dq"), key=_KEY,
@@ -98,22 +104,25 @@ _bwd_dq = triton.autotune(configs=autotune_configs("dq"), key=_KEY,
 
 
 def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal, scale, norm_eps, out_scale,
-                  needs_dlam, needs_dw):
-    """Gradients (dq, dk, dv, dlam_bhn, dnorm_weight); the last two are None when not needed. The backward form
-    (separate, fused or atomic: see the module docstring) is `configs.bwd_form`'s.
+                  needs_dlam, needs_dw, head_layout="interleaved"):
+    """Gradients (dq, dk, dv, dlam_bhn, dnorm_weight); the last two are None when not needed; dk and dv have k's
+    and v's shapes (summed over each key/value group's diff-heads). The backward form (separate, fused or atomic:
+    see the module docstring) is `configs.bwd_form`'s.
 
     `o_ref` is the pre-norm difference when `norm_weight` is given, else the forward's output.
     """
     B, H2, N, d = q.shape
     H = H2 // 2
+    hkv = kv_heads(k, head_layout)
+    width = value_width(d, head_layout)
     if not tile_strides_ok(dout):  # an exotic incoming gradient layout: copy it rather than risk int32 offsets
         dout = dout.contiguous()
     has_norm = norm_weight is not None
-    pre_m = pre_block_m(d)
+    pre_m = pre_block_m(width)
     n_pre = cdiv(N, pre_m)
     delta = alloc.empty(B, H2, N, dtype=torch.float32, device=q.device)
-    do = alloc.empty(B, H, N, 2 * d, dtype=q.dtype, device=q.device) if has_norm else None
-    dw_part = alloc.empty(B * H * n_pre, 2 * d, dtype=torch.float32, device=q.device) if has_norm and needs_dw \
+    do = alloc.empty(B, H, N, width, dtype=q.dtype, device=q.device) if has_norm else None
+    dw_part = alloc.empty(B * H * n_pre, width, dtype=torch.float32, device=q.device) if has_norm and needs_dw \
         else None
     dlam = alloc.empty(B, H, N, dtype=torch.float32, device=q.device) if needs_dlam else None
     # With the norm, the main kernels read the epilogue's gradient; without it, the incoming gradient itself
@@ -122,26 +131,33 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
     dq = alloc.empty_like(q)
     dk = alloc.empty_like(k)
     dv = alloc.empty_like(v)
+    if value_strides(dv, head_layout, hkv)[2] > MAX_SPLIT_OFFSET:  # a non-dense halves v: empty_like is contiguous
+        dv = alloc.empty(B, N, 2 * hkv, d, dtype=v.dtype, device=v.device).transpose(1, 2)  # split Hkv·d instead
     problem = Problem(d, q.element_size(), causal, N, device_sm(q.device))
     form = bwd_form(problem)
-    kwargs = dict(HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), ARCH=problem.sm)
-    scalars = (H, N, seqlen_bucket(N), grid_bucket(B, H, N), scale * LOG2E, scale, do_scale)
+    kwargs = dict(HEAD_DIM=d, V_WIDTH=width, SHARED_K=head_layout == "v2", CAUSAL=causal,
+                  DOT_PRECISION=dot_precision(q.dtype), ARCH=problem.sm)
+    q_s, dq_s = pair_strides(q, head_layout, H), pair_strides(dq, head_layout, H)
+    k_s, dk_s = pair_strides(k, head_layout, hkv, key=True), pair_strides(dk, head_layout, hkv, key=True)
+    v_s, dv_s = value_strides(v, head_layout, hkv), value_strides(dv, head_layout, hkv)
+    tail = (scale * LOG2E, scale, do_scale)
+    # dQ programs are per diff-head; dK/dV (and the one-launch forms) per key/value group.
+    scalars = (H, H // hkv, N, seqlen_bucket(N), grid_bucket(B, H, N)) + tail
+    scalars_kv = (H, H // hkv, N, seqlen_bucket(N), grid_bucket(B, hkv, N)) + tail
     with device_guard(q.device):
         _bwd_preprocess_kernel[(n_pre * B * H,)](
             dout, o_ref, o2, lam_bhn, norm_weight, do, delta, dw_part, dlam,
             *dout.stride(), *o_ref.stride(), *lam_bhn.stride(), norm_weight.stride(0) if has_norm else 0,
             H, N, norm_eps, out_scale,
-            HEAD_DIM=d, HAS_NORM=has_norm, NEED_DW=dw_part is not None, NEED_DLAM=needs_dlam, BLOCK_M=pre_m,
+            WIDTH=width, HAS_NORM=has_norm, NEED_DW=dw_part is not None, NEED_DLAM=needs_dlam, BLOCK_M=pre_m,
         )
         if form == "separate":
-            launch("dkdv", _bwd_dkdv, lambda meta: (cdiv(N, meta["BLOCK_N"]) * B * H,), (
+            launch("dkdv", _bwd_dkdv, lambda meta: (cdiv(N, meta["BLOCK_N"]) * B * hkv,), (
                 q, k, v, g, lse, delta, lam_bhn, dk, dv,
-                *q.stride(), *k.stride(), *v.stride(), *g.stride(), *lam_bhn.stride(), *dk.stride(), *dv.stride(),
-                *scalars), kwargs, problem)
+                *q_s, *k_s, *v_s, *g.stride(), *lam_bhn.stride(), *dk_s, *dv_s, *scalars_kv), kwargs, problem)
             launch("dq", _bwd_dq, lambda meta: (cdiv(N, meta["BLOCK_M"]) * B * H,), (
                 q, k, v, g, lse, delta, lam_bhn, dq,
-                *q.stride(), *k.stride(), *v.stride(), *g.stride(), *lam_bhn.stride(), *dq.stride(),
-                *scalars), kwargs, problem)
+                *q_s, *k_s, *v_s, *g.stride(), *lam_bhn.stride(), *dq_s, *scalars), kwargs, problem)
         else:
             # atomic: dQ accumulates in fp32 (zeroed here; the kernel adds s·dSᵀ·K per key block), then one cast.
             atomic = form == "atomic"
@@ -149,10 +165,10 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
             if atomic:
                 dq_acc = dq.zero_() if q.dtype == torch.float32 else torch.zeros(q.shape, dtype=torch.float32,
                                                                                   device=q.device)
-            launch(form, _bwd_atomic if atomic else _bwd_fused, lambda meta: (cdiv(N, meta["BLOCK_N"]) * B * H,), (
+            launch(form, _bwd_atomic if atomic else _bwd_fused, lambda meta: (cdiv(N, meta["BLOCK_N"]) * B * hkv,), (
                 q, k, v, g, lse, delta, lam_bhn, dk, dv, dq_acc,
-                *q.stride(), *k.stride(), *v.stride(), *g.stride(), *lam_bhn.stride(), *dk.stride(), *dv.stride(),
-                *dq_acc.stride(), *scalars), dict(kwargs, DQ_ATOMIC=atomic), problem)
+                *q_s, *k_s, *v_s, *g.stride(), *lam_bhn.stride(), *dk_s, *dv_s,
+                *pair_strides(dq_acc, head_layout, H), *scalars_kv), dict(kwargs, DQ_ATOMIC=atomic), problem)
             if dq_acc is not dq:
                 dq.copy_(dq_acc)
     dw = dw_part.sum(0).to(norm_weight.dtype) if dw_part is not None else None

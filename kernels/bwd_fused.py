@@ -28,40 +28,47 @@ from .fwd import _block_and_head
 @triton.jit
 def _bwd_fused_kernel(
     Q, K, V, DO, LSE, DELTA, LAM, DK, DV, DQ,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_qb, stride_qh, stride_qp, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kp, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_lb, stride_lh, stride_ln,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    H, N, N_BUCKET, GRID_BUCKET, qk_scale, sm_scale, do_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr = False,
+    stride_dkb, stride_dkh, stride_dkp, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvs, stride_dvn, stride_dvd,
+    stride_dqb, stride_dqh, stride_dqp, stride_dqn, stride_dqd,
+    H, GROUP, N, N_BUCKET, GRID_BUCKET, qk_scale, sm_scale, do_scale,
+    HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ARCH: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr = False,
 ):
-    """One program: key block p's dK/dV, then (unless DQ_ATOMIC) query block p's dQ with the block sizes swapped.
-    DQ is the gradient itself (fused) or a zeroed fp32 buffer (atomic)."""
-    blk, bh = _block_and_head(N, BLOCK_N, False)
+    """One program per (batch, key/value group, block p): key block p's dK/dV of the group (summed over its GROUP
+    diff-heads), then (unless DQ_ATOMIC) query block p's dQ of each of those diff-heads, with the block sizes
+    swapped. DQ is the gradient itself (fused) or a zeroed fp32 buffer (atomic)."""
+    blk, bg = _block_and_head(N, BLOCK_N, False)
     _dkdv_program(Q, K, V, DO, LSE, DELTA, LAM, DK, DV, DQ,
-                  stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                  stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
-                  stride_lb, stride_lh, stride_ln, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-                  stride_dvb, stride_dvh, stride_dvn, stride_dvd, stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-                  H, N, qk_scale, sm_scale, do_scale, blk, bh,
-                  HEAD_DIM, CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, SPLIT, DQ_ATOMIC)
+                  stride_qb, stride_qh, stride_qp, stride_qn, stride_qd, stride_kb, stride_kh, stride_kp, stride_kn,
+                  stride_kd, stride_vb, stride_vh, stride_vs, stride_vn, stride_vd, stride_ob, stride_oh, stride_on,
+                  stride_od, stride_lb, stride_lh, stride_ln, stride_dkb, stride_dkh, stride_dkp, stride_dkn,
+                  stride_dkd, stride_dvb, stride_dvh, stride_dvs, stride_dvn, stride_dvd, stride_dqb, stride_dqh,
+                  stride_dqp, stride_dqn, stride_dqd,
+                  H, GROUP, N, qk_scale, sm_scale, do_scale, blk, bg,
+                  HEAD_DIM, V_WIDTH, SHARED_K, CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, SPLIT, DQ_ATOMIC)
     if not DQ_ATOMIC:
-        _dq_program(Q, K, V, DO, LSE, DELTA, LAM, DQ,
-                    stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                    stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
-                    stride_lb, stride_lh, stride_ln, stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-                    H, N, qk_scale, sm_scale, do_scale, blk, bh,
-                    HEAD_DIM, CAUSAL, DOT_PRECISION, BLOCK_N, BLOCK_M)
+        first = (bg // (H // GROUP)) * H + (bg % (H // GROUP)) * GROUP  # (batch·head) index of the group's first
+        for j in range(GROUP):
+            _dq_program(Q, K, V, DO, LSE, DELTA, LAM, DQ,
+                        stride_qb, stride_qh, stride_qp, stride_qn, stride_qd, stride_kb, stride_kh, stride_kp,
+                        stride_kn, stride_kd, stride_vb, stride_vh, stride_vs, stride_vn, stride_vd, stride_ob,
+                        stride_oh, stride_on, stride_od, stride_lb, stride_lh, stride_ln, stride_dqb, stride_dqh,
+                        stride_dqp, stride_dqn, stride_dqd,
+                        H, GROUP, N, qk_scale, sm_scale, do_scale, blk, first + j,
+                        HEAD_DIM, V_WIDTH, SHARED_K, CAUSAL, DOT_PRECISION, BLOCK_N, BLOCK_M)
 
 
 # One autotuned object per form, each with its own row list (configs.ROWS["fused"] / ["atomic"]). DQ_ATOMIC is in
-# the key all the same (a key must hold every flag that changes the kernel). ARCH: see the forward's key (fwd.py).
-_KEY = ["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "ARCH", "DQ_ATOMIC"]
+# the key all the same (a key must hold every flag that changes the kernel). ARCH, V_WIDTH, SHARED_K and why GROUP
+# is not in it: see the forward's key (fwd.py); GRID_BUCKET counts this launch's programs (B·Hkv·blocks).
+_KEY = ["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "V_WIDTH", "SHARED_K", "CAUSAL", "ARCH", "DQ_ATOMIC"]
 _bwd_fused = triton.autotune(configs=autotune_configs("fused"), key=_KEY,
                              prune_configs_by={"early_config_prune": PRUNE["fused"]})(_bwd_fused_kernel)
 _bwd_atomic = triton.autotune(configs=autotune_configs("atomic"), key=_KEY,

@@ -257,7 +257,8 @@ def seqlen_bucket(n: int) -> int:
     return max(16, next_power_of_2(n))
 
 
-def pre_block_m(head_dim: int) -> int:
-    """Rows per backward-preprocess program: the (rows x 2d) fp32 tiles it holds (dO, o, O2, g) stay at 4096
-    elements, i.e. 32 registers each for 4 warps, so d = 128 does not spill."""
-    return 4096 // (2 * head_dim)
+def pre_block_m(width: int) -> int:
+    """Rows per backward-preprocess program for output rows of `width` (2d; d for the v2 head layout): the
+    (rows x width) fp32 tiles it holds (dO, o, O2, g) stay at 4096 elements, i.e. 32 registers each for 4 warps, so
+    d = 128 does not spill."""
+    return 4096 // width

@@ -21,6 +21,26 @@ def rms_norm_epilogue(o: torch.Tensor, norm_weight: torch.Tensor, norm_eps: floa
     return (of * rstd * norm_weight.to(acc) * out_scale).to(o.dtype)
 
 
+def expand_heads(q, k, v, heads: int, head_layout: str = "interleaved"):
+    """q, k, v of any head layout (kernels/validate.py: HEAD_LAYOUTS) rearranged into today's interleaved layout with
+    one key/value group per diff-head: q, k (B, 2H, N, d) with diff-head h at heads 2h, 2h+1, v (B, H, N, width).
+    Indexing, stacks and repeats only (differentiable; gradients flow back to the caller's layout): every reference
+    then runs the one attention formula on this form. `q` may be None (only "halves" moves query heads)."""
+    if head_layout == "halves":  # diff-head h: query heads h, h+H; group g: key heads g, g+Hkv, value cat(v[g], v[g+Hkv])
+        if q is not None:
+            q = torch.stack((q[:, :heads], q[:, heads:]), dim=2).flatten(1, 2)
+        hkv = k.shape[1] // 2
+        k = torch.stack((k[:, :hkv], k[:, hkv:]), dim=2).flatten(1, 2)
+        v = torch.cat((v[:, :hkv], v[:, hkv:]), dim=-1)
+    elif head_layout == "v2":  # both maps of group g read key head g (and the one d-wide value head g)
+        k = k.repeat_interleave(2, dim=1)
+    group = heads // v.shape[1]
+    if group > 1:  # GQA: diff-head h reads group h // group
+        k = k.unflatten(1, (-1, 2)).repeat_interleave(group, dim=1).flatten(1, 2)
+        v = v.repeat_interleave(group, dim=1)
+    return q, k, v
+
+
 def diff_attn_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -32,13 +52,15 @@ def diff_attn_reference(
     norm_weight: torch.Tensor | None = None,
     norm_eps: float = 1e-5,
     out_scale: float = 1.0,
+    head_layout: str = "interleaved",
     attn_hook: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Differential attention in eager PyTorch; same signature and semantics as `kernels.diff_attn`.
 
-    q, k: (B, 2H, N, d); v: (B, H, N, 2d) -> (B, H, N, 2d) in the input dtype. Diff-head h pairs heads 2h, 2h+1:
-    ``softmax(s·Q[2h]K[2h]ᵀ + M)V[h] − λ·softmax(s·Q[2h+1]K[2h+1]ᵀ + M)V[h]``, then optionally
-    ``o·rsqrt(mean(o²) + norm_eps)·norm_weight·out_scale``.
+    Default layout: q, k: (B, 2H, N, d); v: (B, H, N, 2d) -> (B, H, N, 2d) in the input dtype. Diff-head h pairs
+    heads 2h, 2h+1: ``softmax(s·Q[2h]K[2h]ᵀ + M)V[h] − λ·softmax(s·Q[2h+1]K[2h+1]ᵀ + M)V[h]``, then optionally
+    ``o·rsqrt(mean(o²) + norm_eps)·norm_weight·out_scale``. GQA (k, v with Hkv < H groups) and the other head
+    layouts (`head_layout`, see `kernels.diff_attn`) are first rearranged into that form by `expand_heads`.
 
     Scores and the final product with V run in the input dtype (as eager model code does); softmax, the
     λ-difference and the norm run in fp32 (fp64 for fp64 inputs). Runs on any device, any float dtype, any d.
@@ -50,9 +72,10 @@ def diff_attn_reference(
     """
     args = check_diff_attn_args(
         q, k, v, lam, causal=causal, scale=scale, norm_weight=norm_weight, norm_eps=norm_eps,
-        out_scale=out_scale, for_kernel=False,
+        out_scale=out_scale, for_kernel=False, head_layout=head_layout,
     )
     B, H, N = args.batch, args.heads, args.seqlen
+    q, k, v = expand_heads(q, k, v, H, args.head_layout)
     acc = torch.promote_types(q.dtype, torch.float32)
     scores = torch.matmul(q, k.transpose(-1, -2)).to(acc) * args.scale  # (B, 2H, N, N)
     if causal:
@@ -62,7 +85,7 @@ def diff_attn_reference(
     attn = probs[:, :, 0] - args.lam.to(acc)[..., None] * probs[:, :, 1]  # (B, H, N, N), fp32
     if attn_hook is not None:
         attn_hook(attn)
-    out = torch.matmul(attn.to(q.dtype), v)  # (B, H, N, 2d)
+    out = torch.matmul(attn.to(q.dtype), v)  # (B, H, N, 2d), or (B, H, N, d) for v2
     if norm_weight is not None:
         out = rms_norm_epilogue(out, norm_weight, norm_eps, out_scale)
     elif out_scale != 1.0:
@@ -82,6 +105,7 @@ def diff_attn_official(q, k, v, lam, *, causal=False, scale=None, norm_weight=No
         out_scale=out_scale, for_kernel=False,
     )
     B, H, N = args.batch, args.heads, args.seqlen
+    q, k, v = expand_heads(q, k, v, H)  # GQA: each diff-head's group
     scores = torch.nan_to_num(torch.matmul(q * args.scale, k.transpose(-1, -2)))
     if causal:
         scores = scores.masked_fill(~torch.ones(N, N, dtype=torch.bool, device=q.device).tril(), float("-inf"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import rms_norm_epilogue
+from .reference import expand_heads, rms_norm_epilogue
 from .validate_lm import check_decode_args, check_varlen_args, lam_per_token
 
 
@@ -45,10 +45,7 @@ def diff_attn_core(q, k, v, lam, *, causal, scale, norm_weight=None, norm_eps=1e
 def expand_kv(k, v, heads: int):
     """GQA: key heads (B, 2Hkv, N, d) and value heads (B, Hkv, N, 2d) repeated for `heads` diff-heads, so that
     diff-head h uses group h // (heads / Hkv): both of its maps read that group's pair (2g, 2g+1)."""
-    B, Hkv2, N, d = k.shape
-    group = heads // (Hkv2 // 2)
-    k = k.view(B, Hkv2 // 2, 2, N, d).repeat_interleave(group, dim=1).reshape(B, 2 * heads, N, d)
-    return k, v.repeat_interleave(group, dim=1)
+    return expand_heads(None, k, v, heads)[1:]
 
 
 def diff_attn_gqa_reference(q, k, v, lam, *, causal=False, scale=None, norm_weight=None, norm_eps=1e-5,
@@ -125,9 +122,7 @@ def diff_attn_v2_reference(q, k, v, lam, *, causal=True, scale=None):
     """
     B, H2, N, d = q.shape
     H = H2 // 2
-    group = H // k.shape[1]
-    k2 = k.repeat_interleave(2 * group, dim=1)  # each query head of the pair reads its group's one key head
-    v2 = v.repeat_interleave(group, dim=1)
+    _, k2, v2 = expand_heads(None, k, v, H, "v2")  # each query head of the pair reads its group's one key head
     acc = torch.promote_types(q.dtype, torch.float32)
     return diff_attn_core(q, k2, v2, _lam3(lam, B, H, N, acc, q.device), causal=causal,
                           scale=d**-0.5 if scale is None else scale)

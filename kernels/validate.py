@@ -12,6 +12,8 @@ from numbers import Real
 
 import torch
 
+from .layouts import value_strides
+
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 # The forward and the backward's preprocess address a tile as a 64-bit scalar base (batch, head, first row) plus
@@ -19,6 +21,18 @@ KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 # row offsets throughout). Strides along N and d up to 2^22 elements keep those offsets
 # below 2^31 (382·2^22 < 2^31); sequences of any length are fine. Larger strides are refused, not wrapped.
 MAX_TILE_STRIDE = 2**22
+# The value's "split offset" (the distance between the two d-wide halves of a 2d-wide value, see HEAD_LAYOUTS) is
+# part of the same 32-bit in-tile offset: (row·stride_n + (c mod d)·stride_d + (c div d)·split), rows < 128,
+# c mod d < 128. With the strides above at most 2^22, a split of at most 2^30 keeps the sum below 2^31
+# (2·127·2^22 + 2^30 < 2^31). Only the "halves" layout's split (Hkv·v.stride(1)) can be that large; interleaved's is
+# d·stride_d, already covered. The query/key pair offsets are scalars added to 64-bit bases: no bound needed.
+MAX_SPLIT_OFFSET = 2**30
+
+# Where a diff-head's two query heads, its group's two key heads and its 2d-wide value live (kernels.diff_attn's
+# docstring has the shapes): "interleaved" (DiffCLIP / Diff-Transformer V1: heads 2h, 2h+1; value head g is 2d wide),
+# "halves" (transformers' DiffLlama: heads h and h+H; value = cat(v[g], v[g+Hkv])), "v2" (Diff Transformer V2: both
+# maps read one key head and one d-wide value head).
+HEAD_LAYOUTS = ("interleaved", "halves", "v2")
 
 
 def tile_strides_ok(x: torch.Tensor) -> bool:
@@ -32,13 +46,20 @@ class DiffAttnArgs:
     """Normalised arguments: sizes, the scale as a float, and λ as a 3-d tensor broadcastable to (B, H, N)."""
 
     batch: int
-    heads: int  # diff-heads H; q and k carry 2H heads
+    heads: int  # diff-heads H; q carries 2H heads
     seqlen: int
     head_dim: int
     scale: float
     # 3-d, fp32 (fp64 for fp64 inputs), a reshaped view of the caller's λ ((1, 1, 1) for a number or a 0-d λ,
     # (1, H, 1) per head, ...): autograd reduces its gradient back to λ's own shape through the reshape.
     lam: torch.Tensor
+    kv_heads: int = 0  # key/value groups Hkv (H % Hkv == 0); diff-head h reads group h // (H / Hkv)
+    head_layout: str = "interleaved"
+
+    @property
+    def value_width(self) -> int:
+        """Width of one diff-head's value and output rows: 2d, or d for the v2 layout."""
+        return self.head_dim if self.head_layout == "v2" else 2 * self.head_dim
 
 
 def _require_tensor(name: str, x) -> torch.Tensor:
@@ -60,13 +81,15 @@ def _finite_float(name: str, x, *, positive: bool = False) -> float:
     return x
 
 
-def check_norm_weight(norm_weight, d: int, device: torch.device, q_name: str = "q") -> None:
-    """The RMS-norm epilogue's weight, when given: a floating (2d,) tensor on the inputs' device (any strides)."""
+def check_norm_weight(norm_weight, d: int, device: torch.device, q_name: str = "q", *, v2: bool = False) -> None:
+    """The RMS-norm epilogue's weight, when given: a floating tensor of the output rows' width, (2d,) or (d,) for
+    the v2 layout, on the inputs' device (any strides)."""
     if norm_weight is None:
         return
     _require_tensor("norm_weight", norm_weight)
-    if norm_weight.shape != (2 * d,):
-        raise ValueError(f"norm_weight must have shape (2d,)=({2 * d},), got {tuple(norm_weight.shape)}")
+    width, name = (d, "(d,)") if v2 else (2 * d, "(2d,)")
+    if norm_weight.shape != (width,):
+        raise ValueError(f"norm_weight must have shape {name}=({width},), got {tuple(norm_weight.shape)}")
     if not norm_weight.is_floating_point():
         raise TypeError(f"norm_weight must be floating point, got {norm_weight.dtype}")
     if norm_weight.device != device:
@@ -122,29 +145,64 @@ def _lam_to_3d(lam, B: int, H: int, N: int, dtype: torch.dtype, device: torch.de
     return torch.full((1, 1, 1), value, dtype=dtype, device=device)
 
 
-def check_diff_attn_args(q, k, v, lam, *, causal, scale, norm_weight, norm_eps, out_scale, for_kernel: bool):
+def check_head_layout(head_layout) -> str:
+    if not isinstance(head_layout, str):
+        raise TypeError(f"head_layout must be a str, one of {HEAD_LAYOUTS}; got {type(head_layout).__name__}")
+    if head_layout not in HEAD_LAYOUTS:
+        raise ValueError(f"head_layout must be one of {HEAD_LAYOUTS}, got {head_layout!r}")
+    return head_layout
+
+
+def _check_layout_shapes(q, k, v, head_layout: str) -> int:
+    """The shapes of q, k, v for `head_layout` (see HEAD_LAYOUTS); returns the number of key/value groups Hkv."""
+    B, H2, N, d = q.shape
+    if H2 % 2 != 0:
+        pairs = "h, h+H" if head_layout == "halves" else "2h, 2h+1"
+        raise ValueError(f"q must have an even number of heads 2H (pairs {pairs}), got {H2}")
+    H = H2 // 2
+    k_heads = "Hkv" if head_layout == "v2" else "2Hkv"
+    if k.shape[0] != B or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"k must have shape (B, {k_heads}, N, d) with q's B={B}, N={N}, d={d} "
+                         f"(head_layout={head_layout!r}), got {tuple(k.shape)}")
+    if head_layout == "v2":
+        hkv = k.shape[1]
+    else:
+        if k.shape[1] % 2 != 0:
+            raise ValueError(f"k must have an even number of heads 2Hkv (head_layout={head_layout!r}), got "
+                             f"{k.shape[1]}")
+        hkv = k.shape[1] // 2
+    if hkv == 0 or H % hkv != 0:
+        raise ValueError(f"GQA: q's H={H} diff-heads must be a multiple of k's Hkv={hkv} key/value groups "
+                         f"(k has shape {tuple(k.shape)}, head_layout={head_layout!r})")
+    want, form = {
+        "interleaved": ((B, hkv, N, 2 * d), "(B, Hkv, N, 2d)"),
+        "halves": ((B, 2 * hkv, N, d), "(B, 2Hkv, N, d) (k's shape)"),
+        "v2": ((B, hkv, N, d), "(B, Hkv, N, d) (k's shape)"),
+    }[head_layout]
+    if tuple(v.shape) != want:
+        raise ValueError(f"v must have shape {form}={want} for head_layout={head_layout!r}, q of shape "
+                         f"{tuple(q.shape)} and k of shape {tuple(k.shape)}; got {tuple(v.shape)}")
+    return hkv
+
+
+def check_diff_attn_args(q, k, v, lam, *, causal, scale, norm_weight, norm_eps, out_scale, for_kernel: bool,
+                         head_layout="interleaved"):
     """Validate `diff_attn`'s arguments; return a `DiffAttnArgs`.
 
-    `for_kernel` adds the Triton kernel's own limits (dtype, head dim); the reference runs any float dtype and d.
+    `for_kernel` adds the Triton kernel's own limits (dtype, head dim, strides); the reference runs any float dtype
+    and d.
     """
     q = _require_tensor("q", q)
     k = _require_tensor("k", k)
     v = _require_tensor("v", v)
+    head_layout = check_head_layout(head_layout)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
-            want = "(B, H, N, 2d)" if name == "v" else "(B, 2H, N, d)"
+            want = {"q": "(B, 2H, N, d)", "k": "(B, 2Hkv, N, d)", "v": "(B, Hkv, N, 2d)"}[name]
             raise ValueError(f"{name} must be 4-d {want}, got shape {tuple(x.shape)}")
     B, H2, N, d = q.shape
-    if k.shape != q.shape:
-        raise ValueError(f"k must have q's shape (B, 2H, N, d)={tuple(q.shape)}, got {tuple(k.shape)}")
-    if H2 % 2 != 0:
-        raise ValueError(f"q and k must have an even number of heads 2H (pairs 2h, 2h+1), got {H2}")
+    hkv = _check_layout_shapes(q, k, v, head_layout)
     H = H2 // 2
-    if v.shape != (B, H, N, 2 * d):
-        raise ValueError(
-            f"v must have shape (B, H, N, 2d)=({B}, {H}, {N}, {2 * d}) for q of shape {tuple(q.shape)}, "
-            f"got {tuple(v.shape)}"
-        )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.is_floating_point():
@@ -162,12 +220,20 @@ def check_diff_attn_args(q, k, v, lam, *, causal, scale, norm_weight, norm_eps, 
                     f"{name} has strides {tuple(x.stride())}: the kernel needs strides along N and d of at most "
                     f"2^22 = {MAX_TILE_STRIDE} elements (its in-tile offsets are 32-bit); pass {name}.contiguous()"
                 )
+        split = value_strides(v, head_layout, hkv)[2]
+        if split > MAX_SPLIT_OFFSET:
+            raise ValueError(
+                f"v has strides {tuple(v.stride())}: with head_layout='halves' the two halves of a value "
+                f"(heads g and g+Hkv) lie Hkv·v.stride(1) = {split} elements apart, "
+                f"more than the kernel's 32-bit in-tile offsets allow (2^30); pass a token-major v, e.g. "
+                f"v.transpose(1, 2).contiguous().transpose(1, 2)"
+            )
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = d**-0.5 if scale is None else _finite_float("scale", scale, positive=True)
     _finite_float("norm_eps", norm_eps, positive=True)
     _finite_float("out_scale", out_scale)
-    check_norm_weight(norm_weight, d, q.device)
+    check_norm_weight(norm_weight, d, q.device, v2=head_layout == "v2")
     # λ stays in fp32 (fp64 only when the inputs are fp64, for the float64 reference evaluation).
     lam_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return DiffAttnArgs(B, H, N, d, scale, _lam_to_3d(lam, B, H, N, lam_dtype, q.device))
+    return DiffAttnArgs(B, H, N, d, scale, _lam_to_3d(lam, B, H, N, lam_dtype, q.device), hkv, head_layout)

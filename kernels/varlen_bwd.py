@@ -215,7 +215,7 @@ def varlen_bwd(dout, q, k, v, lam_th, norm_weight, o_ref, o2, lse, cu_q, cu_k, m
     dout4 = dout.permute(1, 0, 2).unsqueeze(0)
     oref4 = (o_ref if has_norm else o_ref.permute(1, 0, 2)).unsqueeze(0)
     lam4 = torch.broadcast_to(lam_th, (total_q, H)).t().unsqueeze(0)
-    pre_m = pre_block_m(d)
+    pre_m = pre_block_m(2 * d)
     n_pre = cdiv(total_q, pre_m)
     delta = alloc.empty(H2, total_q, dtype=torch.float32, device=q.device)
     do = alloc.empty(H, total_q, 2 * d, dtype=q.dtype, device=q.device) if has_norm else None
@@ -242,7 +242,7 @@ def varlen_bwd(dout, q, k, v, lam_th, norm_weight, o_ref, o2, lse, cu_q, cu_k, m
             dout4, oref4, o2, lam4, norm_weight, do, delta, dw_part, dlam,
             *dout4.stride(), *oref4.stride(), *lam4.stride(), norm_weight.stride(0) if has_norm else 0,
             H, total_q, norm_eps, out_scale,
-            HEAD_DIM=d, HAS_NORM=has_norm, NEED_DW=dw_part is not None, NEED_DLAM=needs_dlam, BLOCK_M=pre_m,
+            WIDTH=2 * d, HAS_NORM=has_norm, NEED_DW=dw_part is not None, NEED_DLAM=needs_dlam, BLOCK_M=pre_m,
         )
         if k.shape[0] > 0 and max_seqlen_k > 0:
             cfg = lm_config("varlen_dkdv", d, q.element_size(), sm)

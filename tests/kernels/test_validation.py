@@ -37,7 +37,7 @@ CASES = [
     ("odd-heads", dict(q=torch.randn(B, 5, N, d), k=torch.randn(B, 5, N, d)), {}, ValueError, ["even", "heads"]),
     ("k-shape", dict(k=torch.randn(B, 2 * H, N + 1, d)), {}, ValueError, ["k", "shape"]),
     ("v-width", dict(v=torch.randn(B, H, N, d)), {}, ValueError, ["v", "2d"]),
-    ("v-heads", dict(v=torch.randn(B, H + 1, N, 2 * d)), {}, ValueError, ["v", "(B, H, N, 2d)"]),
+    ("v-heads", dict(v=torch.randn(B, H + 1, N, 2 * d)), {}, ValueError, ["v", "(B, Hkv, N, 2d)"]),
     ("v-batch", dict(v=torch.randn(B + 1, H, N, 2 * d)), {}, ValueError, ["v"]),
     ("v-length", dict(v=torch.randn(B, H, N + 2, 2 * d)), {}, ValueError, ["v"]),
     ("dtype-mismatch", dict(k=torch.randn(B, 2 * H, N, d, dtype=torch.float64)), {}, TypeError, ["dtype"]),
