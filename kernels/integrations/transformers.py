@@ -19,7 +19,7 @@ swaps the class of each `DiffLlamaAttention` for a subclass whose forward runs t
   difference in that dtype) and differentiable in the four parameters; the epilogue is RMSNorm over 2d without
   affine (eps = config.rms_norm_eps): norm_weight = ones(2d), out_scale = 1 − λ_init.
 - Three paths, each one small function below (`_dense_call`, `_varlen_call`, `_decode_call`):
-  prefill/training without padding and without past keys -> dense; any 2-D padding mask (left, right or holes) or
+  prefill/training without padding and without past keys -> dense (`kernels.diff_attn`, head_layout="halves"); any 2-D padding mask (left, right or holes) or
   a prefill onto past keys -> varlen (unpadded, FlashAttention's convention, causal bottom-right, output scattered
   back with zeros at padded query positions); 1..`DECODE_MAX_QUERIES` new tokens against a KV cache without
   gradient -> decode (split-K).
@@ -30,8 +30,8 @@ T_k valid (unpadded) query and key tokens, Hq query heads, Hkv_hf key/value head
   pairs) happens inside that same gather (one advanced index, no second copy): it reads and writes
   (T_q·Hq + 2·T_k·Hkv_hf)·d·s bytes each; the output scatter writes B·Lq·Hq·d·s (zeros) + T_q·Hq·d·s. In training
   their gradients cost the same again (a scatter-add into zeros of the padded shape per input, one gather).
-- dense path (no padding): none once `kernels.diff_attn` takes ``head_layout="halves"`` and GQA (branch `gqa`).
-  UNTIL THEN it is a stand-in on the varlen kernel with the full gather: (Hq + 2·Hkv_hf)·B·Lq·d·s read and written.
+- dense path (no padding, no past keys): none. `kernels.diff_attn(..., head_layout="halves")` reads q, k, v in place
+  through their strides (GQA included) and its output reshapes to (B, N, Hq·d) for o_proj without a copy.
 - decode path: none once `kernels.diff_attn_decode` takes ``head_layout="halves"`` and ``cache_leftpad`` (branch
   `lm`). UNTIL THEN it is a stand-in on the varlen kernel, which gathers the whole valid cache every step:
   (B·Lq·Hq + 2·T_k·Hkv_hf)·d·s per layer and step, O(cache length) — the thing the decode kernel exists to avoid.
@@ -127,17 +127,10 @@ def _register() -> None:
 
 def _dense_call(q, k, v, lam, *, scale, norm_weight, norm_eps, out_scale):
     """Causal attention without padding, Lq == Lk. q (B, Hq, N, d), k and v (B, Hkv_hf, N, d) as DiffLlama's
-    projections give them -> (B, H, N, 2d). Stand-in on the varlen kernel until `kernels.diff_attn` takes
-    head_layout="halves" and GQA (branch `gqa`); then: kernels.diff_attn(q, k, v, lam, causal=True,
-    scale=scale, norm_weight=norm_weight, norm_eps=norm_eps, out_scale=out_scale, head_layout="halves")."""
-    B, _, N, _ = q.shape
-    b_idx = torch.arange(B, device=q.device).repeat_interleave(N)
-    n_idx = torch.arange(N, device=q.device).repeat(B)
-    cu = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=q.device)
-    out = _varlen_call(_gather_pairs(q, b_idx, n_idx), _gather_pairs(k, b_idx, n_idx),
-                       _gather_pairs(v, b_idx, n_idx, value=True), lam, cu, cu, N, N, scale=scale,
-                       norm_weight=norm_weight, norm_eps=norm_eps, out_scale=out_scale)  # (B·N, H, 2d)
-    return out.view(B, N, out.shape[1], out.shape[2]).transpose(1, 2)
+    projections give them (strided views, read in place: no copy) -> (B, H, N, 2d), a transposed view of a
+    (B, N, H, 2d) buffer."""
+    return kernels.diff_attn(q, k, v, lam, causal=True, scale=scale, norm_weight=norm_weight, norm_eps=norm_eps,
+                             out_scale=out_scale, head_layout="halves")
 
 
 def _varlen_call(q, k, v, lam, cu_q, cu_k, max_q, max_k, *, scale, norm_weight, norm_eps, out_scale):

@@ -161,7 +161,7 @@ def test_greedy_generation_left_padded_matches_eager(paths):
 # --------------------------------------------------------------------------------------------------------- training
 
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
-def test_training_gradients_match_eager(padding):
+def test_training_gradients_match_eager(padding, paths):
     ref, ours = tiny_pair(2, seed=7)
     ids, mask = ids_and_mask(padding, N=8, seed=8)
     # No loss on padded tokens, nor on predictions made AT padded positions (with left padding the last pad position
@@ -183,6 +183,7 @@ def test_training_gradients_match_eager(padding):
         torch.testing.assert_close(g, g_ref, **BWD[torch.float32], msg=lambda m: f"grad of {name}: {m}")
     for part in ("lambda_q1", "lambda_k2", "q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"):
         assert any(part in n and g.abs().max() > 0 for n, g in grads[1].items()), part
+    assert paths["dense" if padding == "none" else "varlen"] == ref.config.num_hidden_layers
 
 
 # -------------------------------------------------------------------------------------------------------- refusals
