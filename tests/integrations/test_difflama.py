@@ -16,7 +16,8 @@ pytest.importorskip("transformers")
 from transformers import DiffLlamaConfig, DiffLlamaForCausalLM  # noqa: E402
 
 import kernels.integrations.transformers as hf  # noqa: E402
-from tolerances import BWD, FWD  # noqa: E402
+from conftest import DEVICE  # noqa: E402
+from tolerances import BWD, FWD, assert_close_lowp  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB = 128
@@ -184,6 +185,30 @@ def test_training_gradients_match_eager(padding, paths):
     for part in ("lambda_q1", "lambda_k2", "q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"):
         assert any(part in n and g.abs().max() > 0 for n, g in grads[1].items()), part
     assert paths["dense" if padding == "none" else "varlen"] == ref.config.num_hidden_layers
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 numerics need CUDA (the interpreter's bf16 is not IEEE)")
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_bf16_cached_chunks_within_eagers_own_error(padding):
+    """bf16 on a GPU: prefill + decode chunks; ours within LOWP_FACTOR x eager bf16's own error against fp32 eager."""
+    ref32, _ = tiny_pair(2)
+    ref32 = ref32.cuda()
+    ref16 = copy.deepcopy(ref32).to(torch.bfloat16)
+    ours = hf.use_diff_attn(copy.deepcopy(ref16))
+    ids, mask = ids_and_mask("none", N=27, seed=3)
+    if padding == "left":
+        mask[1, :2] = 0
+    ids, mask = ids.cuda(), mask.cuda()
+    am = None if padding == "none" else mask
+    chunks = [5, 3, 1, 18]
+    with torch.no_grad():
+        steps = [_cached_steps(m, ids, am, chunks) for m in (ref32, ref16, ours)]
+    start = 0
+    for size, e32, e16, a in zip(chunks, *steps):
+        valid = mask[:, start:start + size].bool()
+        assert_close_lowp(a[valid], e32[valid].double(), e16[valid], f"bf16 chunk at {start}, {padding} padding")
+        start += size
 
 
 # -------------------------------------------------------------------------------------------------------- refusals
