@@ -189,7 +189,9 @@ def _time_copies(model, x, mask, smoke):
     def copies():
         hf._gather_pairs(q, b_idx, n_idx), hf._gather_pairs(k, b_idx, n_idx)
         hf._gather_pairs(v, b_idx, n_idx, value=True)
-        return out.new_zeros(B, N, out.shape[1], out.shape[2]).index_put((b_idx, n_idx), out)
+        padded = out.new_zeros(B, N, out.shape[1], out.shape[2])
+        padded[b_idx, n_idx] = out
+        return padded
 
     with torch.no_grad():
         return _time_us(copies, smoke)

@@ -181,7 +181,8 @@ def _unpadded(q, k, v, lam, key_valid, *, scale, norm_weight, norm_eps, out_scal
     out = _varlen_call(_gather_pairs(q, bq, nq), _gather_pairs(k, bk, nk), _gather_pairs(v, bk, nk, value=True),
                        lam, cu[0].contiguous(), cu[1].contiguous(), max_q, max_k, scale=scale,
                        norm_weight=norm_weight, norm_eps=norm_eps, out_scale=out_scale)  # (T_q, H, 2d)
-    padded = out.new_zeros(B, Lq, out.shape[1], out.shape[2]).index_put((bq, nq), out)
+    padded = out.new_zeros(B, Lq, out.shape[1], out.shape[2])
+    padded[bq, nq] = out  # in place into the fresh zeros (index_put would copy them first); differentiable in out
     return padded.transpose(1, 2)
 
 
