@@ -119,8 +119,8 @@ def rows(args):
     for padded in (False, True):
         mask = _left_padding(B, N, device) if padded else None
         valid = mask if mask is not None else torch.ones(B, N, dtype=torch.bool, device=device)
-        line = f"prefill B={B} N={N} {'left-padded' if padded else 'unpadded   '} Hq={args.heads} Hkv={args.kv_heads} " \
-               f"d={args.head_dim} {str(dtype)[6:]}"
+        kind = "left-padded" if padded else "unpadded   "
+        line = f"prefill B={B} N={N} {kind} Hq={args.heads} Hkv={args.kv_heads} d={args.head_dim} {str(dtype)[6:]}"
         for name in ("eager", "sdpa", "ours"):
             m, impl = models[name], impl_of[name]
             xd = x.to(dtype)

@@ -19,13 +19,13 @@ swaps the class of each `DiffLlamaAttention` for a subclass whose forward runs t
   difference in that dtype) and differentiable in the four parameters; the epilogue is RMSNorm over 2d without
   affine (eps = config.rms_norm_eps): norm_weight = ones(2d), out_scale = 1 − λ_init.
 - Three paths, each one small function below (`_dense_call`, `_varlen_call`, `_decode_call`):
-  prefill/training without padding and without past keys -> dense (`kernels.diff_attn`, head_layout="halves"); any 2-D padding mask (left, right or holes) or
-  a prefill onto past keys -> varlen (unpadded, FlashAttention's convention, causal bottom-right, output scattered
-  back with zeros at padded query positions); 1..`DECODE_MAX_QUERIES` new tokens against a KV cache without
-  gradient -> decode (split-K).
+  prefill/training without padding and without past keys -> dense (`kernels.diff_attn`, head_layout="halves");
+  any 2-D padding mask (left, right or holes) or a prefill onto past keys -> varlen (unpadded, FlashAttention's
+  convention, causal bottom-right, output scattered back with zeros at padded query positions);
+  1..`DECODE_MAX_QUERIES` new tokens against a KV cache without gradient -> decode (split-K).
 
-Copies (what is not read in place). Element size s bytes, B sequences, Lq new tokens, Lk keys (past + new), T_q and
-T_k valid (unpadded) query and key tokens, Hq query heads, Hkv_hf key/value heads of d each:
+Copies (what is not read in place). Element size s bytes, B sequences, Lq new tokens, T_q and T_k valid (unpadded)
+query and key tokens, Hq query heads, Hkv_hf key/value heads of d each:
 - varlen path: the unpad gather is one copy per tensor, and the head reorder (halves -> the kernel's interleaved
   pairs) happens inside that same gather (one advanced index, no second copy): it reads and writes
   (T_q·Hq + 2·T_k·Hkv_hf)·d·s bytes each; the output scatter writes B·Lq·Hq·d·s (zeros) + T_q·Hq·d·s. In training
@@ -34,11 +34,11 @@ T_k valid (unpadded) query and key tokens, Hq query heads, Hkv_hf key/value head
   through their strides (GQA included) and its output reshapes to (B, N, Hq·d) for o_proj without a copy.
 - decode path: none once `kernels.diff_attn_decode` takes ``head_layout="halves"`` and ``cache_leftpad`` (branch
   `lm`). UNTIL THEN it is a stand-in on the varlen kernel, which gathers the whole valid cache every step:
-  (B·Lq·Hq + 2·T_k·Hkv_hf)·d·s per layer and step, O(cache length) — the thing the decode kernel exists to avoid.
-  `benchmarks/bench_difflama.py` times the gather separately from the kernel.
+  (T_q·Hq + 2·T_k·Hkv_hf)·d·s read and written per layer and step, O(cache length) — what the decode kernel exists
+  to avoid. `benchmarks/bench_difflama.py` times the varlen copies alone (prefill) and the decode step.
 
-Host syncs: the varlen path reads the valid-token counts and indices (as FlashAttention's unpad does); the decode path
-reads one flag (is every row's mask one contiguous run ending at the new tokens?) to choose between decode and
+Host syncs: the varlen path reads the valid-token counts and indices (as FlashAttention's unpad does); the decode
+path reads one flag (is every row's mask one contiguous run ending at the new tokens?) to choose between decode and
 varlen; the mask function reads whether any token is padded (as transformers' flash_attention_mask does).
 
 Refused (TypeError/ValueError naming the problem, never a silent fallback): models other than DiffLlama;
@@ -55,7 +55,6 @@ from __future__ import annotations
 import torch
 
 try:
-    import transformers  # noqa: F401
     from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, flash_attention_mask
     from transformers.modeling_utils import AttentionInterface
     from transformers.models.diffllama import modeling_diffllama as _hf_diffllama
@@ -232,7 +231,8 @@ def _refuse_unsupported(module, hidden_states, attention_mask, kwargs) -> None:
     dtype = module.q_proj.weight.dtype if not torch.is_autocast_enabled(hidden_states.device.type) else \
         torch.get_autocast_dtype(hidden_states.device.type)
     if dtype not in KERNEL_DTYPES:
-        raise TypeError(f"use_diff_attn: the kernels run float16, bfloat16 or float32, the attention computes in {dtype}")
+        raise TypeError(f"use_diff_attn: the kernels run float16, bfloat16 or float32; the attention computes in "
+                        f"{dtype}")
 
 
 class DiffAttnDiffLlamaAttention(DiffLlamaAttention):
