@@ -23,20 +23,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 VOCAB = 128
 
 
-def tiny_config(kv_heads=2, **overrides):
-    """4 query heads (2 diff-heads) of d = 16; 2 kv heads: one group, GQA ratio 2; 4 kv heads: two groups, ratio 1."""
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+def tiny_config(kv_heads=2, heads=4, **overrides):
+    """`heads` query heads (heads/2 diff-heads) of d = 16 and `kv_heads` key/value heads (kv_heads/2 groups)."""
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=heads,
               num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=64, attn_implementation="eager",
               bos_token_id=None, eos_token_id=None, pad_token_id=0)
     kw.update(overrides)
     return DiffLlamaConfig(**kw)
 
 
-def tiny_pair(kv_heads=2, seed=0, **overrides):
+def tiny_pair(kv_heads=2, seed=0, heads=4, **overrides):
     """(eager reference, switched copy) with the same weights. The λ parameters get a larger spread than the default
     init so that λ varies per layer and their gradients are not all alike."""
     torch.manual_seed(seed)
-    ref = DiffLlamaForCausalLM(tiny_config(kv_heads, **overrides)).eval()
+    ref = DiffLlamaForCausalLM(tiny_config(kv_heads, heads, **overrides)).eval()
     with torch.no_grad():
         for m in ref.modules():
             if isinstance(m, hf.DiffLlamaAttention):
@@ -45,9 +45,12 @@ def tiny_pair(kv_heads=2, seed=0, **overrides):
     return ref, hf.use_diff_attn(copy.deepcopy(ref))
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["kv2-gqa2", "kv4-gqa1"])
+# (query heads, kv heads): diff-heads H, groups Hkv, ratio G = H / Hkv. (4, 2): one group, G = 2; (4, 4): two groups,
+# G = 1; (8, 4): two groups of G = 2 (map 2 reads key head g + Hkv with g > 0 and a ratio > 1).
+@pytest.fixture(scope="module", params=[(4, 2), (4, 4), (8, 4)], ids=["H2-Hkv1", "H2-Hkv2", "H4-Hkv2"])
 def pair(request):
-    return tiny_pair(request.param)
+    heads, kv_heads = request.param
+    return tiny_pair(kv_heads, heads=heads)
 
 
 @pytest.fixture
@@ -161,9 +164,10 @@ def test_greedy_generation_left_padded_matches_eager(paths):
 
 # --------------------------------------------------------------------------------------------------------- training
 
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (8, 4)], ids=["H2-Hkv1", "H4-Hkv2"])
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
-def test_training_gradients_match_eager(padding, paths):
-    ref, ours = tiny_pair(2, seed=7)
+def test_training_gradients_match_eager(padding, heads, kv_heads, paths):
+    ref, ours = tiny_pair(kv_heads, seed=7, heads=heads)
     ids, mask = ids_and_mask(padding, N=8, seed=8)
     # No loss on padded tokens, nor on predictions made AT padded positions (with left padding the last pad position
     # predicts the first real token): a padded query's attention output is undefined in eager (it attends to no
