@@ -169,7 +169,9 @@ def _query_side(heads, h):
     (Q, DO, LAM, DQ, LSE, DELTA, b, H, N, stride_qb, stride_qh, stride_qp, stride_qn, stride_qd, stride_ob, stride_oh,
      stride_on, stride_od, stride_lb, stride_lh, stride_ln, stride_dqb, stride_dqh, stride_dqp, stride_dqn, stride_dqd,
      offs_d, offs_dv, sm_scale) = heads
-    row_base = (b * 2 * H + 2 * h) * N  # LSE and DELTA rows of map 1; map 2 follows at +N
+    # LSE and DELTA rows of map 1; map 2 follows at +N. (Written (b·H + h)·2N: the equal (2bH + 2h)·N made ptxas 3.8
+    # spill 4-24 B in the causal dK/dV rows 32x32 at d = 64 and 128 on sm_90; register allocation is that brittle.)
+    row_base = (b * H + h) * (2 * N)
     common_q = (Q + b * stride_qb + h * stride_qh, stride_qp, stride_qn, stride_qd,
                 DO + b * stride_ob + h * stride_oh, stride_on, stride_od, LSE, DELTA, row_base,
                 LAM + b * stride_lb + h * stride_lh, stride_ln, offs_d, offs_dv, N)

@@ -5,6 +5,13 @@ every default config for sm_80 and sm_90 here is what catches that on a CPU-only
 Triton) reports registers and spills.
 
     python -m kernels.compile_check          # table of every default config
+
+Kernels are compiled as a launch at DiffCLIP's shapes specialises them: Hkv == H gives GROUP = 1, which Triton
+turns into a constant (an int argument equal to 1 always is), interleaved heads (V_WIDTH = 2d, SHARED_K off).
+The head-layout variants (VARIANTS) are compiled for the default rows at d = 64 and 128 (the language-model head
+dims) too: "gqa" (GROUP > 1, a runtime int: the dK/dV program's loop over a group's diff-heads), "v2" (V_WIDTH = d,
+one K tile for both maps) and "v2gqa". The "halves" layout needs no row of its own: it differs from "interleaved"
+only in the values of the runtime pair/split strides (kernels/layouts.py), i.e. it runs the very same binary.
 """
 
 from __future__ import annotations
@@ -98,7 +105,23 @@ def _ptr(dtype):
     return "*" + _TL_DTYPE[dtype]
 
 
-def compile_fwd(arch, dtype, head_dim, causal, cfg, *, has_norm=True, save_for_bwd=True):
+# name -> (GROUP, head layout) of the head-layout variants (module docstring). GROUP > 1 compiles as a runtime int.
+VARIANTS = {"gqa": (4, "interleaved"), "v2": (1, "v2"), "v2gqa": (4, "v2")}
+VARIANT_HEAD_DIMS = (64, 128)
+
+
+def _layout_consts(sig, const, head_dim, group, head_layout):
+    """GROUP (a constant 1, as Triton specialises it, else a runtime int), V_WIDTH and SHARED_K."""
+    if group == 1:
+        sig["GROUP"], const["GROUP"] = "constexpr", 1
+    else:
+        sig["GROUP"] = "i32"
+    const["V_WIDTH"] = head_dim if head_layout == "v2" else 2 * head_dim
+    const["SHARED_K"] = head_layout == "v2"
+
+
+def compile_fwd(arch, dtype, head_dim, causal, cfg, *, has_norm=True, save_for_bwd=True, group=1,
+                head_layout="interleaved"):
     from .fwd import _diff_attn_fwd_kernel as fn
 
     p = _ptr(dtype)
@@ -122,6 +145,7 @@ def compile_fwd(arch, dtype, head_dim, causal, cfg, *, has_norm=True, save_for_b
     for a in ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_w"):
         sig[a] = "constexpr"
         const[a] = 1
+    _layout_consts(sig, const, head_dim, group, head_layout)
     sig.update({k: "constexpr" for k in const if k not in sig})
     ordered = {a: sig[a] for a in fn.arg_names}
     return _compile(fn, ordered, const, arch, cfg, _aligned_strides(fn))
@@ -134,11 +158,15 @@ def _aligned_strides(fn):
             and not a.endswith("d") and a != "stride_w"]
 
 
-def _bwd_signature(fn, dtype, head_dim, causal, cfg, pointers):
+def _bwd_signature(fn, dtype, head_dim, causal, cfg, pointers, group=1, head_layout="interleaved"):
     p = _ptr(dtype)
     sig, const = {}, {"HEAD_DIM": head_dim, "CAUSAL": causal,
                       "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", **cfg.kwargs}
+    if "GROUP" in fn.arg_names:
+        _layout_consts(sig, const, head_dim, group, head_layout)
     for a in fn.arg_names:
+        if a in sig:
+            continue
         if a in pointers:
             sig[a] = pointers[a] if pointers[a].startswith("*") else p
         elif (a.startswith("stride_") and a.endswith("d") and a != "stride_lb") or a == "stride_w":
@@ -152,14 +180,14 @@ def _bwd_signature(fn, dtype, head_dim, causal, cfg, pointers):
     return sig, const
 
 
-def compile_bwd(kernel, arch, dtype, head_dim, causal, cfg):
+def compile_bwd(kernel, arch, dtype, head_dim, causal, cfg, group=1, head_layout="interleaved"):
     """Compile the dK/dV ("dkdv") or dQ ("dq") backward kernel for one config."""
     from . import bwd
 
     fn = bwd._bwd_dkdv_kernel if kernel == "dkdv" else bwd._bwd_dq_kernel
     ptrs = {a: "x" for a in ("Q", "K", "V", "DO", "DK", "DV", "DQ")}
     ptrs.update({"LSE": "*fp32", "DELTA": "*fp32", "LAM": "*fp32"})
-    sig, const = _bwd_signature(fn, dtype, head_dim, causal, cfg, ptrs)
+    sig, const = _bwd_signature(fn, dtype, head_dim, causal, cfg, ptrs, group, head_layout)
     const["ARCH"] = arch
     return _compile(fn, sig, const, arch, cfg, _aligned_strides(fn))
 
@@ -168,12 +196,13 @@ def compile_preprocess(arch, dtype, head_dim, has_norm=True):
     from . import bwd
 
     fn = bwd._bwd_preprocess_kernel
-    cfg = triton.Config({"BLOCK_M": configs.pre_block_m(head_dim)}, num_warps=4, num_stages=1)
+    cfg = triton.Config({"BLOCK_M": configs.pre_block_m(2 * head_dim)}, num_warps=4, num_stages=1)
     ptrs = {a: "x" for a in ("DOUT", "OREF", "O2", "DO")}
     ptrs.update({"LAM": "*fp32", "NORM_W": "*fp32", "DELTA": "*fp32", "DW_PART": "*fp32", "DLAM": "*fp32"})
     sig, const = _bwd_signature(fn, dtype, head_dim, False, cfg, ptrs)
-    for a in ("CAUSAL", "DOT_PRECISION"):
+    for a in ("CAUSAL", "DOT_PRECISION", "HEAD_DIM"):
         const.pop(a)
+    const["WIDTH"] = 2 * head_dim
     const.update({"HAS_NORM": has_norm, "NEED_DW": has_norm, "NEED_DLAM": True})
     if not has_norm:
         for a in ("NORM_W", "DO", "DW_PART"):
@@ -249,8 +278,22 @@ def check_bwd(kernel, arch, dtype, head_dim, causal):
     ]
 
 
+def check_variant(name, arch, dtype, head_dim, causal):
+    """The forward, dK/dV and dQ default configs of one head-layout variant (VARIANTS); kernels named e.g.
+    "fwd_gqa", "dkdv_v2"."""
+    group, layout = VARIANTS[name]
+    out = [_result(f"fwd_{name}", compile_fwd(arch, dtype, head_dim, causal, cfg, group=group, head_layout=layout),
+                   arch, dtype, head_dim, causal, cfg)
+           for cfg in default_configs("fwd", arch, dtype, head_dim, causal)]
+    for kernel in ("dkdv", "dq"):
+        out += [_result(f"{kernel}_{name}", compile_bwd(kernel, arch, dtype, head_dim, causal, cfg, group, layout),
+                        arch, dtype, head_dim, causal, cfg)
+                for cfg in default_configs(kernel, arch, dtype, head_dim, causal)]
+    return out
+
+
 def check_preprocess(arch, dtype, head_dim, has_norm=True):
-    cfg = triton.Config({"BLOCK_M": configs.pre_block_m(head_dim)}, num_warps=4, num_stages=1)
+    cfg = triton.Config({"BLOCK_M": configs.pre_block_m(2 * head_dim)}, num_warps=4, num_stages=1)
     return _result("bwd_pre", compile_preprocess(arch, dtype, head_dim, has_norm), arch, dtype, head_dim, False, cfg)
 
 
@@ -259,20 +302,25 @@ DTYPES = ("fp16", "bf16", "fp32")
 HEAD_DIMS = (16, 32, 64, 128)
 
 
-def _collect_class(arch, dtype, d):
+def _collect_class(arch, dtype, d, variants=()):
     out = [check_preprocess(arch, dtype, d, has_norm=False), check_preprocess(arch, dtype, d, has_norm=True)]
     out += check_fwd_inference(arch, dtype, d, causal=False)
     for causal in (False, True):
         out += check_fwd(arch, dtype, d, causal)
         for kernel in ("dkdv", "dq"):
             out += check_bwd(kernel, arch, dtype, d, causal)
+    if d in VARIANT_HEAD_DIMS:
+        for name in variants:
+            for causal in (False, True):
+                out += check_variant(name, arch, dtype, d, causal)
     return out
 
 
-def collect(archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, jobs=1):
-    """Compile every default config of every kernel for each problem class; a list of CompileResult, in a fixed
-    order. `jobs` > 1 compiles problem classes in parallel processes (compilation is CPU-bound)."""
-    classes = [(a, t, d) for a in archs for t in dtypes for d in head_dims]
+def collect(archs=ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, jobs=1, variants=tuple(VARIANTS)):
+    """Compile every default config of every kernel for each problem class (and of the head-layout `variants` at
+    VARIANT_HEAD_DIMS); a list of CompileResult, in a fixed order. `jobs` > 1 compiles problem classes in parallel
+    processes (compilation is CPU-bound)."""
+    classes = [(a, t, d, tuple(variants)) for a in archs for t in dtypes for d in head_dims]
     if jobs <= 1:
         parts = [_collect_class(*c) for c in classes]
     else:
@@ -294,10 +342,15 @@ def main(argv=None):
     parser.add_argument("--dtypes", type=lambda s: tuple(s.split(",")), default=DTYPES, help="e.g. fp16,bf16")
     parser.add_argument("--head-dims", type=_ints, default=HEAD_DIMS, help="e.g. 64,128")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
+    parser.add_argument("--variants", type=lambda s: tuple(x for x in s.split(",") if x), default=tuple(VARIANTS),
+                        help=f"head-layout variants to add, comma-separated, of {','.join(VARIANTS)} ('' for none)")
     args = parser.parse_args(argv)
     if interpreter_enabled():
         raise SystemExit("unset TRITON_INTERPRET: the interpreter's @triton.jit objects cannot be compiled")
-    results = collect(args.archs, args.dtypes, args.head_dims, args.jobs)
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"--variants: unknown {sorted(unknown)}; expected some of {', '.join(VARIANTS)}")
+    results = collect(args.archs, args.dtypes, args.head_dims, args.jobs, args.variants)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in results], f, indent=1)

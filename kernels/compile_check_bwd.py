@@ -6,7 +6,10 @@ backward (`fused`, and its opt-in atomic variant `atomic`) and, per row, the sha
 of their width.
 
     python -m kernels.compile_check_bwd [--kernels dkdv,dq,fused,atomic] [--archs 90] [--dtypes bf16]
-        [--head-dims 64] [--causal both|yes|no] [--rows 16x64x4x3,...] [--json out.json]
+        [--head-dims 64] [--causal both|yes|no] [--rows 16x64x4x3,...] [--variant gqa|v2|v2gqa] [--json out.json]
+
+--variant compiles a head-layout variant (compile_check.VARIANTS: GQA's runtime GROUP, the v2 layout) instead of the
+default specialisation (GROUP = 1, interleaved heads); its rows are named e.g. "fused_gqa".
 
 --rows compiles the given rows (BLOCK_MxBLOCK_NxWARPS[xSTAGES][s], trailing "s" = SPLIT) instead of the lists of
 kernels/configs.py (candidate sweeps). Run it with Triton 3.6 (the GPU image's) as
@@ -22,7 +25,7 @@ import json
 import triton
 
 from . import configs
-from .compile_check import (SMEM_LIMIT, _aligned_strides, _bwd_signature, _compile, compile_bwd, mma_kind,
+from .compile_check import (SMEM_LIMIT, VARIANTS, _aligned_strides, _bwd_signature, _compile, compile_bwd, mma_kind,
                             mma_shapes, ptxas_report)
 from .runtime import interpreter_enabled
 
@@ -49,24 +52,26 @@ class BwdCompileResult:
         return self.spill_stores == 0 and self.spill_loads == 0 and self.shared <= SMEM_LIMIT[self.arch]
 
 
-def compile_fused(arch, dtype, head_dim, causal, cfg, atomic):
+def compile_fused(arch, dtype, head_dim, causal, cfg, atomic, group=1, head_layout="interleaved"):
     from .bwd_fused import _bwd_fused_kernel as fn
 
     ptrs = {a: "x" for a in ("Q", "K", "V", "DO", "DK", "DV")}
     ptrs.update({"LSE": "*fp32", "DELTA": "*fp32", "LAM": "*fp32", "DQ": "*fp32" if atomic else "x"})
-    sig, const = _bwd_signature(fn, dtype, head_dim, causal, cfg, ptrs)
+    sig, const = _bwd_signature(fn, dtype, head_dim, causal, cfg, ptrs, group, head_layout)
     const.update({"ARCH": arch, "DQ_ATOMIC": atomic})
     return _compile(fn, sig, const, arch, cfg, _aligned_strides(fn))
 
 
-def compile_one(kernel, arch, dtype, head_dim, causal, cfg) -> BwdCompileResult:
+def compile_one(kernel, arch, dtype, head_dim, causal, cfg, variant=None) -> BwdCompileResult:
+    group, layout = VARIANTS[variant] if variant else (1, "interleaved")
     if kernel in ("dkdv", "dq"):
-        compiled = compile_bwd(kernel, arch, dtype, head_dim, causal, cfg)
+        compiled = compile_bwd(kernel, arch, dtype, head_dim, causal, cfg, group, layout)
     else:
-        compiled = compile_fused(arch, dtype, head_dim, causal, cfg, kernel == "atomic")
+        compiled = compile_fused(arch, dtype, head_dim, causal, cfg, kernel == "atomic", group, layout)
     ptx = compiled.asm["ptx"]
     regs, stores, loads = ptxas_report(ptx, arch)
-    return BwdCompileResult(kernel, arch, dtype, head_dim, causal, configs.describe(cfg), compiled.metadata.shared,
+    name = f"{kernel}_{variant}" if variant else kernel
+    return BwdCompileResult(name, arch, dtype, head_dim, causal, configs.describe(cfg), compiled.metadata.shared,
                             regs, stores, loads, mma_kind(ptx), mma_shapes(ptx))
 
 
@@ -85,7 +90,7 @@ def listed_configs(kernel, arch, dtype, head_dim, causal, seqlen=4096):
 
 
 def collect(kernels=KERNELS, archs=(80, 90), dtypes=("fp16", "bf16", "fp32"), head_dims=(16, 32, 64, 128),
-            causals=(False, True), rows=None):
+            causals=(False, True), rows=None, variant=None):
     out = []
     for kernel in kernels:
         for arch in archs:
@@ -97,7 +102,7 @@ def collect(kernels=KERNELS, archs=(80, 90), dtypes=("fp16", "bf16", "fp32"), he
                             if kernel == "dq" and "SPLIT" in cfg.kwargs:
                                 cfg = triton.Config({k: v for k, v in cfg.kwargs.items() if k != "SPLIT"},
                                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-                            out.append(compile_one(kernel, arch, dtype, d, causal, cfg))
+                            out.append(compile_one(kernel, arch, dtype, d, causal, cfg, variant))
     return out
 
 
@@ -109,12 +114,13 @@ def main(argv=None):
     p.add_argument("--head-dims", type=lambda s: tuple(int(x) for x in s.split(",")), default=(16, 32, 64, 128))
     p.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     p.add_argument("--rows", type=lambda s: [parse_row(x) for x in s.split(",")])
+    p.add_argument("--variant", choices=tuple(VARIANTS))
     p.add_argument("--json")
     args = p.parse_args(argv)
     if interpreter_enabled():
         raise SystemExit("unset TRITON_INTERPRET: the interpreter's @triton.jit objects cannot be compiled")
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
-    results = collect(args.kernels, args.archs, args.dtypes, args.head_dims, causals, args.rows)
+    results = collect(args.kernels, args.archs, args.dtypes, args.head_dims, causals, args.rows, args.variant)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
