@@ -22,7 +22,7 @@ from .configs_lm import COMBINE_ROWS, LM_ROWS, combine_warps, decode_warps, lm_r
 from .runtime import interpreter_enabled
 
 _FP32_PTRS = {"LAM", "LSE", "DELTA", "NORM_W", "OPART", "LPART"}
-_I32_PTRS = {"CU_Q", "CU_K", "SEQLENS"}
+_I32_PTRS = {"CU_Q", "CU_K", "SEQLENS", "LEFTPAD"}
 _DATA_PTRS = {"Q", "K", "V", "OUT", "O2", "OPRE", "DO", "DK", "DV", "DQ"}
 _INTS = {"H", "GROUP", "TOTAL_Q", "B", "NQ", "CHUNK", "ROW_BLOCKS", "SPLITS"}
 _FLOATS = {"qk_scale", "sm_scale", "do_scale", "norm_eps", "out_scale"}
@@ -103,10 +103,14 @@ def _class(arch, dtype, d, only=None):
             if block_m > row.block_m:
                 continue
             warps = decode_warps(block_m, d, row.warps)
-            const = {"HEAD_DIM": d, "DOT_PRECISION": _prec(dtype), "BLOCK_M": block_m, "BLOCK_N": row.block_n}
-            out.append(_compile_one("decode_split", decode._decode_split_kernel, arch, dtype, const, warps,
-                                    row.stages, causal=True,
-                                    label=f"BLOCK_M={block_m} BLOCK_N={row.block_n} w={warps} s={row.stages}"))
+            # The head layouts differ in strides only (one compiled kernel); the left padding is a variant.
+            for leftpad in (False, True):
+                const = {"HEAD_DIM": d, "HAS_LEFTPAD": leftpad, "DOT_PRECISION": _prec(dtype), "BLOCK_M": block_m,
+                         "BLOCK_N": row.block_n}
+                out.append(_compile_one("decode_split_leftpad" if leftpad else "decode_split",
+                                        decode._decode_split_kernel, arch, dtype, const, warps, row.stages,
+                                        none_ptrs=() if leftpad else ("LEFTPAD",), causal=True,
+                                        label=f"BLOCK_M={block_m} BLOCK_N={row.block_n} w={warps} s={row.stages}"))
     for has_norm in (False, True) if want("decode_combine") else ():
         const = {"HEAD_DIM": d, "HAS_NORM": has_norm, "BLOCK_R": COMBINE_ROWS}
         warps = combine_warps(d)

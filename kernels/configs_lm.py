@@ -62,7 +62,10 @@ LM_ROWS = {
         LmRow(64, 64, 4, 3, _D64),
         LmRow(64, 64, 4, 2, _SMALL),  # three stages spill 8-16 B at d = 16 on sm_80 with Triton 3.6
         LmRow(32, 32, 4, 2, _D128),  # 64 rows at d = 128 spill even with 8 warps
-        LmRow(16, 16, 2, 1, _SMALL, fp32=True),  # fp32 (ieee dots): 32-64 rows spill; 4 warps spill on 3.6
+        # fp32 (ieee dots): 32-64 rows spill; 4 warps spill on 3.6. d = 16: 16x16x2w spills 16 B on sm_90 with
+        # Triton 3.8 since the masked key blocks are bounded by the chunk's end (cache_leftpad); 16x32 does not.
+        LmRow(16, 32, 2, 1, (16,), fp32=True),
+        LmRow(16, 16, 2, 1, (32,), fp32=True),
         LmRow(16, 16, 4, 1, _D64 + _D128, fp32=True),
     ],
 }

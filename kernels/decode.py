@@ -12,7 +12,15 @@ Combine kernel: per (sequence, diff-head, token) row, merges the chunks' partial
 (O = Σ_s 2^(lse_s − M)·O_s / Σ_s 2^(lse_s − M), M = max_s lse_s), then takes the λ-difference in fp32 and applies the
 RMS-norm epilogue and out_scale. A chunk with no visible key has lse = −inf and weight 0.
 
-Query i (of Nq) of sequence b sits at position cache_seqlens[b] − Nq + i and sees keys j <= that position.
+Query i (of Nq) of sequence b sits at position cache_seqlens[b] − Nq + i and sees keys j <= that position, from
+cache_leftpad[b] on (0 without it): chunks that lie wholly in the left padding load nothing.
+
+Head layouts, by strides (no copy): a diff-head's two query heads are `stride_qh` apart from the next diff-head's and
+`stride_qp` apart from each other; a group's two key heads likewise (`stride_kh`, `stride_kp`); a group's 2d-wide
+value is two d-wide halves `stride_vs` apart: column c reads (c % d)·stride_vd + (c // d)·stride_vs. Interleaved
+(pairs 2h, 2h+1; v (B, Hkv, Nmax, 2d)): pair = one head stride, split = d·stride_vd. Halves (transformers'
+DiffLlama: h and h + H; v (B, 2Hkv, Nmax, d), value halves g and g + Hkv): pair = H (Hkv) head strides, split = Hkv
+head strides.
 """
 
 from __future__ import annotations
@@ -33,12 +41,13 @@ from .runtime import device_guard
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, SEQLENS, OPART, LPART,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
+    Q, K, V, SEQLENS, LEFTPAD, OPART, LPART,
+    stride_qb, stride_qh, stride_qn, stride_qd, stride_qp,
+    stride_kb, stride_kh, stride_kn, stride_kd, stride_kp,
+    stride_vb, stride_vh, stride_vn, stride_vd, stride_vs,
     B, H, NQ, GROUP, CHUNK, ROW_BLOCKS, qk_scale,
-    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_LEFTPAD: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)  # B·Hkv·row blocks can pass the 65535 limit of grid axes 1 and 2: axis 0
     split = tl.program_id(1)
@@ -55,13 +64,14 @@ def _decode_split_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, 2 * HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
-    q_ptrs = Q + b * stride_qb + ((2 * h)[:, None] * stride_qh + i[:, None] * stride_qn + offs_d[None, :] * stride_qd)
+    q_ptrs = Q + b * stride_qb + (h[:, None] * stride_qh + i[:, None] * stride_qn + offs_d[None, :] * stride_qd)
     q1 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    q2 = tl.load(q_ptrs + stride_qh, mask=row_ok[:, None], other=0.0)
-    k1_base = K + b * stride_kb + (2 * g) * stride_kh
+    q2 = tl.load(q_ptrs + stride_qp, mask=row_ok[:, None], other=0.0)
+    k1_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
     k_tile = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_tile = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    v_cols = (offs_dv % HEAD_DIM) * stride_vd + (offs_dv // HEAD_DIM) * stride_vs  # the two d-wide halves
+    v_tile = offs_n[:, None] * stride_vn + v_cols[None, :]
 
     m1 = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     m2 = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -70,18 +80,23 @@ def _decode_split_kernel(
     acc1 = tl.zeros([BLOCK_M, 2 * HEAD_DIM], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, 2 * HEAD_DIM], dtype=tl.float32)
 
-    # This chunk's keys [start, end). CHUNK is a multiple of BLOCK_N, so no block crosses into the next chunk.
-    # Keys up to n_keys - NQ are visible to every new token: no mask there; the last few blocks are masked.
+    # This chunk's keys [start, end). Keys up to n_keys - NQ are visible to every new token: no mask there; the
+    # last few blocks are masked. Keys before the left padding's end are never loaded: the chunk then starts there
+    # (a chunk wholly inside the padding is empty: lse = -inf, weight 0), its blocks are no longer aligned to
+    # BLOCK_N and the last one can cross the chunk's end, so the masked blocks are bounded by `end`, not n_keys:
+    # no key is folded by two chunks.
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, n_keys)
+    if HAS_LEFTPAD:
+        start = tl.maximum(start, tl.load(LEFTPAD + b))
     q_last = i + n_keys - NQ
     mid = _unmasked_end(start, end, n_keys - NQ, True, BLOCK_N)
     acc1, acc2, m1, m2, l1, l2 = _fold_keys(
-        acc1, acc2, m1, m2, l1, l2, q1, q2, k1_base, k1_base + stride_kh, v_base, k_tile, v_tile,
-        stride_kn, stride_vn, q_last, start, mid, n_keys, qk_scale, False, True, BLOCK_N, DOT_PRECISION)
+        acc1, acc2, m1, m2, l1, l2, q1, q2, k1_base, k1_base + stride_kp, v_base, k_tile, v_tile,
+        stride_kn, stride_vn, q_last, start, mid, end, qk_scale, False, True, BLOCK_N, DOT_PRECISION)
     acc1, acc2, m1, m2, l1, l2 = _fold_keys(
-        acc1, acc2, m1, m2, l1, l2, q1, q2, k1_base, k1_base + stride_kh, v_base, k_tile, v_tile,
-        stride_kn, stride_vn, q_last, mid, end, n_keys, qk_scale, True, True, BLOCK_N, DOT_PRECISION)
+        acc1, acc2, m1, m2, l1, l2, q1, q2, k1_base, k1_base + stride_kp, v_base, k_tile, v_tile,
+        stride_kn, stride_vn, q_last, mid, end, end, qk_scale, True, True, BLOCK_N, DOT_PRECISION)
     o1, o2, lse1, lse2 = _finish_maps(acc1, acc2, m1, m2, l1, l2)
 
     # Partials (2 maps, splits, B, H, NQ[, 2d]): this program's rows are contiguous (h·NQ + i = g·GROUP·NQ + r).
@@ -156,7 +171,17 @@ def pick_splits(programs: int, n_max: int, block_n: int, sm_count: int) -> int:
     return max(1, min(want, cdiv(n_max, 4 * block_n), 128))
 
 
-def decode_fwd(q, k_cache, v_cache, lam3, norm_weight, cache_seqlens, *, scale, norm_eps, out_scale, num_splits):
+def layout_strides(q, k_cache, v_cache, head_layout):
+    """(q: diff-head, pair; k: group, pair; v: group, split) strides of a head layout (see the module docstring)."""
+    H, Hkv = q.shape[1] // 2, k_cache.shape[1] // 2
+    sq, sk, sv = q.stride(1), k_cache.stride(1), v_cache.stride(1)
+    if head_layout == "halves":
+        return sq, H * sq, sk, Hkv * sk, sv, Hkv * sv
+    return 2 * sq, sq, 2 * sk, sk, sv, q.shape[-1] * v_cache.stride(3)
+
+
+def decode_fwd(q, k_cache, v_cache, lam3, norm_weight, cache_seqlens, *, scale, norm_eps, out_scale, num_splits,
+               cache_leftpad=None, head_layout="interleaved"):
     """Launch the split and combine kernels (arguments validated by `validate_lm.check_decode_args`); `lam3`
     broadcasts to (B, H, Nq). Returns (B, H, Nq, 2d), a transposed view of a (B, Nq, H, 2d) buffer."""
     B, H2, Nq, d = q.shape
@@ -176,12 +201,16 @@ def decode_fwd(q, k_cache, v_cache, lam3, norm_weight, cache_seqlens, *, scale, 
     opart = alloc.empty(2, splits, B, H, Nq, 2 * d, dtype=torch.float32, device=q.device)
     lpart = alloc.empty(2, splits, B, H, Nq, dtype=torch.float32, device=q.device)
     lam = torch.broadcast_to(lam3, (B, H, Nq))
+    sq, sqp, sk, skp, sv, svs = layout_strides(q, k_cache, v_cache, head_layout)
     with device_guard(q.device):
         _decode_split_kernel[(programs, splits)](
-            q, k_cache, v_cache, cache_seqlens, opart, lpart,
-            *q.stride(), *k_cache.stride(), *v_cache.stride(),
+            q, k_cache, v_cache, cache_seqlens, cache_leftpad, opart, lpart,
+            q.stride(0), sq, q.stride(2), q.stride(3), sqp,
+            k_cache.stride(0), sk, k_cache.stride(2), k_cache.stride(3), skp,
+            v_cache.stride(0), sv, v_cache.stride(2), v_cache.stride(3), svs,
             B, H, Nq, group, chunk, row_blocks, scale * LOG2E,
-            HEAD_DIM=d, DOT_PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+            HEAD_DIM=d, HAS_LEFTPAD=cache_leftpad is not None, DOT_PRECISION=dot_precision(q.dtype),
+            BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=decode_warps(block_m, d, cfg.num_warps), num_stages=cfg.num_stages,
         )
         _decode_combine_kernel[(B, cdiv(H * Nq, COMBINE_ROWS))](

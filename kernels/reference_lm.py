@@ -95,16 +95,37 @@ def diff_attn_varlen_reference(q, k, v, lam, cu_seqlens_q, cu_seqlens_k, max_seq
     return torch.cat(pieces, dim=0) if pieces else out
 
 
-def diff_attn_decode_reference(q, k_cache, v_cache, lam, *, cache_seqlens, scale=None, norm_weight=None,
-                               norm_eps=1e-5, out_scale=1.0):
-    """`kernels.diff_attn_decode`: q (B, 2H, Nq, d) are the last Nq positions of each sequence, whose first
-    cache_seqlens[b] cache entries are valid (the new tokens' keys included); causal. Returns (B, H, Nq, 2d)."""
+def halves_to_interleaved(q, k_cache, v_cache):
+    """Decode's head_layout="halves" (transformers' DiffLlama: diff-head h = query heads h and h + H, group g = key
+    heads g and g + Hkv, value cat(v[:, g], v[:, g + Hkv], -1)) rewritten as the interleaved layout: q (B, 2H, Nq, d)
+    with pairs (2h, 2h+1), k (B, 2Hkv, Nmax, d) with pairs (2g, 2g+1), v (B, Hkv, Nmax, 2d). Copies."""
+    def interleave(x):
+        B, n2, N, d = x.shape
+        return x.view(B, 2, n2 // 2, N, d).transpose(1, 2).reshape(B, n2, N, d)
+
+    Hkv = v_cache.shape[1] // 2
+    return interleave(q), interleave(k_cache), torch.cat([v_cache[:, :Hkv], v_cache[:, Hkv:]], dim=-1)
+
+
+def diff_attn_decode_reference(q, k_cache, v_cache, lam, *, cache_seqlens, cache_leftpad=None,
+                               head_layout="interleaved", scale=None, norm_weight=None, norm_eps=1e-5,
+                               out_scale=1.0):
+    """`kernels.diff_attn_decode`: q (B, 2H, Nq, d) are the last Nq positions of each sequence; sequence b's valid
+    cache entries are [cache_leftpad[b], cache_seqlens[b]) (the new tokens' keys included; leftpad 0 when None);
+    causal: query i at position cache_seqlens[b] - Nq + i sees the valid keys up to it (none: it outputs 0).
+    head_layout "halves" is converted with `halves_to_interleaved`. Returns (B, H, Nq, 2d)."""
     args = check_decode_args(q, k_cache, v_cache, lam, cache_seqlens, scale=scale, norm_weight=norm_weight,
-                             norm_eps=norm_eps, out_scale=out_scale, for_kernel=False)
+                             norm_eps=norm_eps, out_scale=out_scale, for_kernel=False, cache_leftpad=cache_leftpad,
+                             head_layout=head_layout)
+    if head_layout == "halves":
+        q, k_cache, v_cache = halves_to_interleaved(q, k_cache, v_cache)
     lens = cache_seqlens.tolist()
+    pads = cache_leftpad.tolist() if cache_leftpad is not None else [0] * len(lens)
     outs = []
-    for b, n in enumerate(lens):
-        ks, vs = expand_kv(k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n], args.heads)
+    for b, (p, n) in enumerate(zip(pads, lens)):
+        # Keys [p, n): the core's bottom-right causal alignment puts query i at key index n - p - Nq + i of the
+        # slice, i.e. at cache position n - Nq + i.
+        ks, vs = expand_kv(k_cache[b:b + 1, :, p:n], v_cache[b:b + 1, :, p:n], args.heads)
         lam_b = args.lam[b:b + 1] if args.lam.shape[0] > 1 else args.lam
         outs.append(diff_attn_core(q[b:b + 1], ks, vs, lam_b, causal=True, scale=args.scale,
                                    norm_weight=norm_weight, norm_eps=norm_eps, out_scale=out_scale))

@@ -1,8 +1,8 @@
 """Varlen differential-attention forward: packed sequences of different lengths (FlashAttention's varlen
 convention), GQA-native, causal aligned bottom-right.
 
-Layout: the jit kernel -> its launch helper. The backward is in `varlen_bwd.py`, the public function and the
-autograd Function in `api_lm.py`, the shared inner steps in `lm_steps.py`.
+Layout: the jit kernel -> its launch helper. The backward is in `varlen_bwd.py`, the public function in `api_lm.py`,
+the autograd wiring (Function, torch.library ops) in `ops_lm.py`, the shared inner steps in `lm_steps.py`.
 
 q (total_q, 2H, d), k (total_k, 2Hkv, d), v (total_k, Hkv, 2d); sequence b owns tokens [cu_q[b], cu_q[b+1]) of q
 and [cu_k[b], cu_k[b+1]) of k and v. One program owns BLOCK_M query rows of one diff-head h of one sequence and

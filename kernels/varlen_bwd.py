@@ -1,5 +1,5 @@
-"""Varlen differential-attention backward (GQA-native, deterministic) and the autograd Function of
-`diff_attn_varlen`.
+"""Varlen differential-attention backward (GQA-native, deterministic). The autograd wiring of `diff_attn_varlen`
+(an eager autograd.Function and the torch.library ops) is in ops_lm.py.
 
 Three launches, as the dense backward (bwd.py has the formulas): the dense preprocess kernel (bwd_pre.py, reused as
 is: the varlen forward saves its state head-major, so the packed batch reads as one (1, H, total_q, ·) sequence)
@@ -24,7 +24,7 @@ from .configs_lm import lm_config
 from .fwd import LOG2E, dot_precision
 from .lm_steps import _unmasked_end
 from .runtime import device_guard
-from .varlen import _seq_bounds, varlen_fwd
+from .varlen import _seq_bounds
 
 
 @triton.jit
@@ -256,28 +256,3 @@ def varlen_bwd(dout, q, k, v, lam_th, norm_weight, o_ref, o2, lse, cu_q, cu_k, m
                 **cfg.all_kwargs())
     dw = dw_part.sum(0).to(norm_weight.dtype) if dw_part is not None else None
     return dq, dk, dv, (dlam.t() if dlam is not None else None), dw
-
-
-class VarlenFunction(torch.autograd.Function):
-    """Autograd of `diff_attn_varlen`: the forward saves O(total·d) state (inputs, output or pre-norm difference,
-    O2, both LSEs); the backward is `varlen_bwd`. Once differentiable."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, lam, norm_weight, cu_q, cu_k, max_q, max_k, causal, scale, norm_eps, out_scale):
-        out, lse, o2, o_pre = varlen_fwd(q, k, v, lam, norm_weight, cu_q, cu_k, max_q, causal=causal, scale=scale,
-                                         norm_eps=norm_eps, out_scale=out_scale, save_for_bwd=True)
-        ctx.save_for_backward(q, k, v, lam, norm_weight, out if norm_weight is None else o_pre, o2, lse, cu_q, cu_k)
-        ctx.args = (max_q, max_k, causal, scale, norm_eps, out_scale)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        q, k, v, lam, norm_weight, o_ref, o2, lse, cu_q, cu_k = ctx.saved_tensors
-        max_q, max_k, causal, scale, norm_eps, out_scale = ctx.args
-        needs_dlam, needs_dw = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        dq, dk, dv, dlam, dw = varlen_bwd(dout, q, k, v, lam, norm_weight, o_ref, o2, lse, cu_q, cu_k, max_q, max_k,
-                                          causal=causal, scale=scale, norm_eps=norm_eps, out_scale=out_scale,
-                                          needs_dlam=needs_dlam, needs_dw=needs_dw)
-        dlam = dlam.sum_to_size(lam.shape).to(lam.dtype) if needs_dlam else None
-        return dq, dk, dv, dlam, dw if needs_dw else None, None, None, None, None, None, None, None, None

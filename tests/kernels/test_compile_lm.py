@@ -1,7 +1,7 @@
 """GPU compile check of the language-model kernels, on any machine: every config of kernels/configs_lm.py (varlen
-forward, its inference variant, varlen dK/dV and dQ, decode split at each BLOCK_M it can pick, decode combine) is
-compiled ahead of time for sm_80 and sm_90 (fp16, bf16, fp32; d = 16, 32, 64, 128). Shared memory must fit and
-ptxas must report no spills. Runs `python -m kernels.compile_check_lm --json` once, without TRITON_INTERPRET; with
+forward, its inference variant, varlen dK/dV and dQ, decode split at each BLOCK_M it can pick, with and without
+cache_leftpad, decode combine) is compiled ahead of time for sm_80 and sm_90 (fp16, bf16, fp32; d = 16, 32, 64,
+128). Shared memory must fit and ptxas must report no spills. Runs `python -m kernels.compile_check_lm --json` once, without TRITON_INTERPRET; with
 DIFF_ATTN_TRITON36=/path (a folder with Triton 3.6 side-installed: `pip install --target DIR --no-deps triton==3.6.0`) the same check also runs on it.
 """
 
@@ -19,7 +19,8 @@ from kernels.compile_check import SMEM_LIMIT  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRITONS = ["installed"] + (["3.6"] if os.environ.get("DIFF_ATTN_TRITON36") else [])
-KERNELS = ["varlen_fwd", "varlen_fwd_infer", "varlen_dkdv", "varlen_dq", "decode_split", "decode_combine"]
+KERNELS = ["varlen_fwd", "varlen_fwd_infer", "varlen_dkdv", "varlen_dq", "decode_split", "decode_split_leftpad",
+           "decode_combine"]
 
 
 @pytest.fixture(scope="session", params=TRITONS)

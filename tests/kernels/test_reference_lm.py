@@ -77,3 +77,39 @@ def test_v2_reference_shares_one_key_and_value_head_per_pair():
                            -1) for m in (0, 1)]
         want = p[0] @ v[:, gi] - lam[:, h, :, None] * (p[1] @ v[:, gi])
         torch.testing.assert_close(out[:, h], want)
+
+
+def _diffllama_eager(q, k, v, lam, scale):
+    """transformers' DiffLlamaAttention (eager) written out as it is there: repeat_kv, the value halves
+    concatenated and repeated, both maps in one softmax, the output split into halves. q (B, 2H, N, d),
+    k and v (B, 2Hkv, N, d); causal, no norm."""
+    B, Hq, N, d = q.shape
+    rep = Hq // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1)  # repeat_kv
+    v = v.repeat_interleave(rep, dim=1)
+    v = torch.cat(torch.chunk(v, 2, dim=1), dim=-1).repeat(1, 2, 1, 1)
+    mask = torch.ones(N, N, dtype=torch.bool).tril()
+    w = torch.softmax((q @ k.transpose(2, 3) * scale).masked_fill(~mask, -torch.inf), dim=-1)
+    o1, o2 = torch.chunk(w @ v, 2, dim=1)
+    return o1 - lam * o2
+
+
+def test_decode_reference_halves_layout_is_transformers_diffllama():
+    """head_layout="halves" means what DiffLlama computes: decoding all N positions of a full cache is its causal
+    attention, for GQA ratios 1 and 2."""
+    for Hkv in (2, 1):
+        q, k, v = rnd(2, 4, 9, 16), rnd(2, 2 * Hkv, 9, 16), rnd(2, 2 * Hkv, 9, 16)
+        lens = torch.tensor([9, 9], dtype=torch.int32)
+        out = diff_attn_decode_reference(q, k, v, 0.3, cache_seqlens=lens, head_layout="halves")
+        torch.testing.assert_close(out, _diffllama_eager(q, k, v, 0.3, 16**-0.5))
+
+
+def test_decode_reference_leftpad_is_the_unpadded_cache():
+    """Left padding p: the same as the cache without its first p entries (and cache_seqlens - p)."""
+    q, k, v = rnd(2, 4, 2, 16), rnd(2, 4, 12, 16), rnd(2, 2, 12, 32)
+    lens, pads = torch.tensor([12, 8], dtype=torch.int32), torch.tensor([3, 5], dtype=torch.int32)
+    out = diff_attn_decode_reference(q, k, v, 0.4, cache_seqlens=lens, cache_leftpad=pads)
+    for b, (n, p) in enumerate(zip(lens.tolist(), pads.tolist())):
+        alone = diff_attn_decode_reference(q[b:b + 1], k[b:b + 1, :, p:], v[b:b + 1, :, p:], 0.4,
+                                           cache_seqlens=torch.tensor([n - p], dtype=torch.int32))
+        torch.testing.assert_close(out[b:b + 1], alone)

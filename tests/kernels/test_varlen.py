@@ -178,3 +178,12 @@ def test_varlen_reads_strided_views_in_place(poison):
     strided = diff_attn_varlen(q, k, v, 0.6, cu, cu, 11, 11, causal=True)
     dense = diff_attn_varlen(q.contiguous(), k.contiguous(), v.contiguous(), 0.6, cu, cu, 11, 11, causal=True)
     assert torch.equal(strided, dense)
+
+
+def test_varlen_token_stride_past_2_pow_22_is_refused():
+    """The token stride enters the forward's 32-bit in-tile offsets (rows·stride): above 2^22 elements it is
+    refused by name instead of wrapping."""
+    q, k, v, lam, kw, (cq, ck, mq, mk) = _inputs([1, 1], [1, 1], 2, 1, 64, torch.float16, "float", False)
+    q_wide = torch.zeros(2, 2**22 + 256, dtype=torch.float16, device=DEVICE)[:, :256].view(2, 4, 64)
+    with pytest.raises(ValueError, match=r"q has strides .*strides of dims \(0, 2\) at most 2\^22"):
+        diff_attn_varlen(q_wide, k, v, lam, cq, ck, mq, mk)
