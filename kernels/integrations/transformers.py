@@ -32,10 +32,9 @@ query and key tokens, Hq query heads, Hkv_hf key/value heads of d each:
   their gradients cost the same again (a scatter-add into zeros of the padded shape per input, one gather).
 - dense path (no padding, no past keys): none. `kernels.diff_attn(..., head_layout="halves")` reads q, k, v in place
   through their strides (GQA included) and its output reshapes to (B, N, Hq·d) for o_proj without a copy.
-- decode path: none once `kernels.diff_attn_decode` takes ``head_layout="halves"`` and ``cache_leftpad`` (branch
-  `lm`). UNTIL THEN it is a stand-in on the varlen kernel, which gathers the whole valid cache every step:
-  (T_q·Hq + 2·T_k·Hkv_hf)·d·s read and written per layer and step, O(cache length) — what the decode kernel exists
-  to avoid. `benchmarks/bench_difflama.py` times the varlen copies alone (prefill) and the decode step.
+- decode path: none. `kernels.diff_attn_decode(..., head_layout="halves", cache_leftpad=...)` reads the new
+  queries and the cache (DynamicCache's own tensors) in place; left padding is the start offset of each row's keys.
+  `benchmarks/bench_difflama.py` times the varlen copies alone (prefill) and the decode step.
 
 Host syncs: the varlen path reads the valid-token counts and indices (as FlashAttention's unpad does); the decode
 path reads one flag (is every row's mask one contiguous run ending at the new tokens?) to choose between decode and
@@ -140,15 +139,11 @@ def _varlen_call(q, k, v, lam, cu_q, cu_k, max_q, max_k, *, scale, norm_weight, 
 
 def _decode_call(q, k, v, lam, *, cache_seqlens, cache_leftpad, scale, norm_weight, norm_eps, out_scale):
     """Lq new tokens against past keys, no gradient. q (B, Hq, Lq, d); k, v (B, Hkv_hf, Lk, d) (the cache, new keys
-    included); sequence b's valid keys are [cache_leftpad[b], cache_seqlens[b]) (int32 (B,)), its queries the last
-    Lq of them -> (B, H, Lq, 2d). Stand-in on the varlen kernel (gathers the valid cache) until
-    `kernels.diff_attn_decode` takes head_layout="halves" and cache_leftpad (branch `lm`); then:
-    kernels.diff_attn_decode(q, k, v, lam, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
-    head_layout="halves", scale=scale, norm_weight=norm_weight, norm_eps=norm_eps, out_scale=out_scale)."""
-    pos = torch.arange(k.shape[2], device=k.device)
-    valid = (pos >= cache_leftpad[:, None]) & (pos < cache_seqlens[:, None])
-    return _unpadded(q, k, v, lam, valid, scale=scale, norm_weight=norm_weight, norm_eps=norm_eps,
-                     out_scale=out_scale)
+    included), read in place; sequence b's valid keys are [cache_leftpad[b], cache_seqlens[b]) (int32 (B,)), its
+    queries the last Lq positions -> (B, H, Lq, 2d)."""
+    return kernels.diff_attn_decode(q, k, v, lam, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
+                                    head_layout="halves", scale=scale, norm_weight=norm_weight, norm_eps=norm_eps,
+                                    out_scale=out_scale)
 
 
 # --------------------------------------------------------------------------------------------------------------------
