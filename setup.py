@@ -28,7 +28,9 @@ EVAL = ["clip-benchmark>=1.6", "requests"]
 # `diffclip train`: webdataset's tar reader for img2dataset shards (TensorBoard logging is used only if installed:
 # pip install tensorboard).
 TRAIN = ["webdataset>=0.2"]
-# Language models: transformers' DiffLlama (tests/integrations: the `kernels` name-clash check).
+# Language models: transformers' DiffLlama (kernels.integrations.transformers.use_diff_attn, tested with transformers
+# 5.24; it needs transformers.masking_utils' mask interface and raises ImportError naming this extra without it;
+# tests/integrations: the `kernels` name-clash check).
 LM = ["transformers>=4.48"]
 TEST = ["pytest>=7", "pytest-benchmark>=4"]
 BENCH = ["matplotlib"]
