@@ -28,10 +28,10 @@ EVAL = ["clip-benchmark>=1.6", "requests"]
 # `diffclip train`: webdataset's tar reader for img2dataset shards (TensorBoard logging is used only if installed:
 # pip install tensorboard).
 TRAIN = ["webdataset>=0.2"]
-# Language models: transformers' DiffLlama (kernels.integrations.transformers.use_diff_attn, tested with transformers
-# 5.24; it needs transformers.masking_utils' mask interface and raises ImportError naming this extra without it;
-# tests/integrations: the `kernels` name-clash check).
-LM = ["transformers>=4.48"]
+# Language models: transformers' DiffLlama (kernels.integrations.transformers.use_diff_attn; tests/integrations, incl.
+# the `kernels` name-clash check). The floor is the version the integration was tested with: it relies on
+# masking_utils' mask interface and DiffLlama's attention forward as of 5.x, which older releases lack or differ in.
+LM = ["transformers>=5.24"]
 TEST = ["pytest>=7", "pytest-benchmark>=4"]
 BENCH = ["matplotlib"]
 
