@@ -104,6 +104,10 @@ _VARIANT_SPILLS: dict = {
     ("dkdv", (16, 16, 4, 2, False)): (("gqa", 89),),  # fp32 on sm_80: 8-40 B; replaced by 16x16x8x1 (_VARIANT_ROWS)
     ("fused", (32, 64, 8, 2, False)): (("gqa", 1000),),  # 4 B non-causal (3.8)
     ("fused", (16, 64, 8, 2, True)): (("gqa", 1000),),  # d=128: 16-100 B
+    ("fused", (32, 32, 8, 2, False)): (("gqa", 1000),),  # d=128: 16-32 B non-causal with Triton 3.6
+    # d=128 causal, halves with GQA on sm_80: 12 B with 3.6, and no other fused row fits that class: the backward
+    # runs the separate form there (configs.bwd_form falls back where a form has no row)
+    ("fused", (16, 32, 8, 2, False)): (("gqa+split", 89),),
     ("atomic", (16, 64, 4, 3, False)): (("gqa", 1000),),  # 60-84 B
     ("atomic", (32, 64, 8, 2, False)): (("gqa", 1000),),  # 72 B non-causal with Triton 3.6
     ("atomic", (32, 32, 4, 2, False)): (("split", 1000),),  # halves: 4 B causal on sm_90 (3.8)
