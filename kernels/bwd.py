@@ -93,7 +93,7 @@ def _bwd_dq_kernel(
                 stride_qb, stride_qh, stride_qp, stride_qn, stride_qd, stride_kb, stride_kh, stride_kp, stride_kn,
                 stride_kd, stride_vb, stride_vh, stride_vs, stride_vn, stride_vd, stride_ob, stride_oh, stride_on,
                 stride_od, stride_lb, stride_lh, stride_ln, stride_dqb, stride_dqh, stride_dqp, stride_dqn, stride_dqd,
-                H, GROUP, N, qk_scale, sm_scale, do_scale, block_m, bh,
+                H, GROUP, N, qk_scale, sm_scale, do_scale, block_m, (bh // H).to(tl.int64), (bh % H).to(tl.int64),
                 HEAD_DIM, V_WIDTH, SHARED_K, V_SPLIT, CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
 

@@ -56,14 +56,15 @@ def _bwd_fused_kernel(
                   HEAD_DIM, V_WIDTH, SHARED_K, V_SPLIT, CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, SPLIT, DQ_ATOMIC,
                   GQA)
     if not DQ_ATOMIC:
-        first = (bg // (H // GROUP)) * H + (bg % (H // GROUP)) * GROUP  # (batch·head) index of the group's first
+        b = (bg // (H // GROUP)).to(tl.int64)
+        first = (bg % (H // GROUP)).to(tl.int64) * GROUP  # the group's first diff-head
         for j in range(GROUP):
             _dq_program(Q, K, V, DO, LSE, DELTA, LAM, DQ,
                         stride_qb, stride_qh, stride_qp, stride_qn, stride_qd, stride_kb, stride_kh, stride_kp,
                         stride_kn, stride_kd, stride_vb, stride_vh, stride_vs, stride_vn, stride_vd, stride_ob,
                         stride_oh, stride_on, stride_od, stride_lb, stride_lh, stride_ln, stride_dqb, stride_dqh,
                         stride_dqp, stride_dqn, stride_dqd,
-                        H, GROUP, N, qk_scale, sm_scale, do_scale, blk, first + j,
+                        H, GROUP, N, qk_scale, sm_scale, do_scale, blk, b, first + j,
                         HEAD_DIM, V_WIDTH, SHARED_K, V_SPLIT, CAUSAL, DOT_PRECISION, BLOCK_N, BLOCK_M)
 
 

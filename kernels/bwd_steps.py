@@ -301,16 +301,14 @@ def _dq_program(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_lb, stride_lh, stride_ln,
     stride_dqb, stride_dqh, stride_dqp, stride_dqn, stride_dqd,
-    H, GROUP, N, qk_scale, sm_scale, do_scale, block_m, bh,
+    H, GROUP, N, qk_scale, sm_scale, do_scale, block_m, b, h,
     HEAD_DIM: tl.constexpr, V_WIDTH: tl.constexpr, SHARED_K: tl.constexpr, V_SPLIT: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dQ1, dQ2 of query block `block_m` (BLOCK_M rows) of (batch·head) `bh`: loops over the key blocks (BLOCK_N
-    keys each) of its group h // GROUP that its rows see."""
+    """dQ1, dQ2 of query block `block_m` (BLOCK_M rows) of batch `b`, diff-head `h` (int64): loops over the key
+    blocks (BLOCK_N keys each) of its group h // GROUP that its rows see."""
     start_m = block_m * BLOCK_M
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
     g = h // GROUP
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, V_WIDTH)

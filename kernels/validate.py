@@ -198,7 +198,9 @@ def check_diff_attn_args(q, k, v, lam, *, causal, scale, norm_weight, norm_eps, 
     head_layout = check_head_layout(head_layout)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
-            want = {"q": "(B, 2H, N, d)", "k": "(B, 2Hkv, N, d)", "v": "(B, Hkv, N, 2d)"}[name]
+            want = {"q": "(B, 2H, N, d)", "k": "(B, Hkv, N, d)" if head_layout == "v2" else "(B, 2Hkv, N, d)",
+                    "v": {"interleaved": "(B, Hkv, N, 2d)", "halves": "(B, 2Hkv, N, d)",
+                          "v2": "(B, Hkv, N, d)"}[head_layout]}[name]
             raise ValueError(f"{name} must be 4-d {want}, got shape {tuple(x.shape)}")
     B, H2, N, d = q.shape
     hkv = _check_layout_shapes(q, k, v, head_layout)

@@ -57,3 +57,30 @@ def test_compile_fused_hopper_wgmma_row(fused_results, kernel, d, causal, dtype)
             and r["head_dim"] == d and r["causal"] == causal]
     assert any(r["mma"] == "wgmma" and r["spill_stores"] == 0 for r in rows), \
         [(r["config"], r["mma"], r["spill_stores"]) for r in rows]
+
+
+# The one-launch forms in the head-layout variants (compile_check.VARIANTS: GQA's group loops, the halves value,
+# v2): every row those problems are listed for (configs._VARIANT_SPILLS prunes the rows that spill) is clean. bf16
+# at the language-model head dims; fp16 compiles to the same registers.
+VARIANTS = ["gqa", "halves", "halvesgqa", "v2", "v2gqa"]
+
+
+@pytest.fixture(scope="session", params=VARIANTS)
+def variant_results(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("compile_bwd_variant") / "results.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check_bwd", "--kernels", "fused,atomic",
+                           "--dtypes", "bf16", "--head-dims", "64,128", "--variant", request.param, "--json",
+                           str(path)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"ahead-of-time compilation failed:\n{proc.stderr[-4000:]}"
+    return request.param, json.loads(path.read_text())
+
+
+def test_compile_fused_rows_head_layout_variants(variant_results):
+    variant, results = variant_results
+    assert {r["kernel"] for r in results} == {f"fused_{variant}", f"atomic_{variant}"}
+    for r in results:
+        where = f"{r['kernel']} sm_{r['arch']} d={r['head_dim']} causal={r['causal']} [{r['config']}]"
+        assert r["shared"] <= SMEM_LIMIT[r["arch"]], f"{where}: {r['shared']} B shared memory"
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (
+            f"{where}: {r['spill_stores']}/{r['spill_loads']} B spill stores/loads ({r['registers']} registers)")
