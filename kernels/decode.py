@@ -35,6 +35,7 @@ from . import alloc
 from .configs import cdiv, device_sm
 from .configs_lm import COMBINE_ROWS, combine_warps, decode_block_m, decode_warps, lm_config
 from .fwd import LOG2E, dot_precision
+from .layouts import pair_strides, value_strides
 from .lm_steps import _finish_maps, _fold_keys, _norm_epilogue, _unmasked_end
 from .runtime import device_guard
 
@@ -171,15 +172,6 @@ def pick_splits(programs: int, n_max: int, block_n: int, sm_count: int) -> int:
     return max(1, min(want, cdiv(n_max, 4 * block_n), 128))
 
 
-def layout_strides(q, k_cache, v_cache, head_layout):
-    """(q: diff-head, pair; k: group, pair; v: group, split) strides of a head layout (see the module docstring)."""
-    H, Hkv = q.shape[1] // 2, k_cache.shape[1] // 2
-    sq, sk, sv = q.stride(1), k_cache.stride(1), v_cache.stride(1)
-    if head_layout == "halves":
-        return sq, H * sq, sk, Hkv * sk, sv, Hkv * sv
-    return 2 * sq, sq, 2 * sk, sk, sv, q.shape[-1] * v_cache.stride(3)
-
-
 def decode_fwd(q, k_cache, v_cache, lam3, norm_weight, cache_seqlens, *, scale, norm_eps, out_scale, num_splits,
                cache_leftpad=None, head_layout="interleaved"):
     """Launch the split and combine kernels (arguments validated by `validate_lm.check_decode_args`); `lam3`
@@ -201,7 +193,11 @@ def decode_fwd(q, k_cache, v_cache, lam3, norm_weight, cache_seqlens, *, scale, 
     opart = alloc.empty(2, splits, B, H, Nq, 2 * d, dtype=torch.float32, device=q.device)
     lpart = alloc.empty(2, splits, B, H, Nq, dtype=torch.float32, device=q.device)
     lam = torch.broadcast_to(lam3, (B, H, Nq))
-    sq, sqp, sk, skp, sv, svs = layout_strides(q, k_cache, v_cache, head_layout)
+    # The head layout as strides (kernels/layouts.py, shared with the dense op): per-head stride and pair offset of
+    # q and k, per-group stride and split offset of v.
+    _, sq, sqp, _, _ = pair_strides(q, head_layout, H)
+    _, sk, skp, _, _ = pair_strides(k_cache, head_layout, Hkv, key=True)
+    _, sv, svs, _, _ = value_strides(v_cache, head_layout, Hkv)
     with device_guard(q.device):
         _decode_split_kernel[(programs, splits)](
             q, k_cache, v_cache, cache_seqlens, cache_leftpad, opart, lpart,
