@@ -36,6 +36,20 @@ def poison():
         yield
 
 
+@pytest.fixture
+def form(monkeypatch):
+    """`form("separate" | "fused" | "atomic")` selects the dense backward form for this test (DIFF_ATTN_BWD, outside
+    deterministic mode, which refuses `atomic`) and checks that `configs.bwd_form` took it."""
+    from kernels import configs  # imported here: Triton only after the interpreter switch above
+
+    def set_form(name):
+        monkeypatch.setenv("DIFF_ATTN_BWD", name)
+        monkeypatch.delenv("DIFF_ATTN_DETERMINISTIC", raising=False)
+        assert configs.bwd_form() == name
+
+    return set_form
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (bf16 numerics, timings)")
     config.addinivalue_line("markers", "slow: long-running on CPU")

@@ -46,16 +46,6 @@ def _check(leaves, kw, dout, dtype, what, only=None):
             assert_close(a, b, dtype, table, f"{what} {name}")
 
 
-@pytest.fixture
-def form(monkeypatch):
-    def set_form(name):
-        monkeypatch.setenv("DIFF_ATTN_BWD", name)
-        monkeypatch.delenv("DIFF_ATTN_DETERMINISTIC", raising=False)
-        assert configs.bwd_form() == name
-
-    return set_form
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("N", NS)

@@ -12,7 +12,7 @@ from conftest import DEVICE
 from tolerances import BWD, BWD_ROW_SUMS, FWD, assert_close, assert_close_lowp
 
 import kernels
-from kernels import configs, diff_attn, diff_attn_reference
+from kernels import diff_attn, diff_attn_reference
 
 DTYPES = [torch.float32, torch.float16] if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
 NAMES = ["dq", "dk", "dv", "dlam", "dnorm_weight"]
@@ -64,16 +64,6 @@ def test_layout_forward_matches_float64_reference(layout, H, hkv, N, d, causal, 
             assert_close_lowp(out, ref, _run(diff_attn_reference, leaves, kw), "out")
         else:
             assert_close(out, ref, dtype, FWD, "out")
-
-
-@pytest.fixture
-def form(monkeypatch):
-    def set_form(name):
-        monkeypatch.setenv("DIFF_ATTN_BWD", name)
-        monkeypatch.delenv("DIFF_ATTN_DETERMINISTIC", raising=False)
-        assert configs.bwd_form() == name
-
-    return set_form
 
 
 def _grads(fn, leaves, kw, dout):
