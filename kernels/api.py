@@ -77,7 +77,8 @@ def diff_attn(
         out_scale=out_scale, for_kernel=True, head_layout=head_layout,
     )
     require_triton(q.device)
-    if args.batch == 0 or args.seqlen == 0:  # (B, H, N, w) with a zero-sized dim: nothing to compute
+    if args.batch == 0 or args.seqlen == 0 or args.heads == 0:  # (B, H, N, w), a zero-sized dim: nothing to compute
+        # (H = 0 must not launch: the backward's group count would be 0 and its programs divide by it)
         return v.new_empty(args.batch, args.heads, args.seqlen, args.value_width)
     from . import ops  # noqa: F401  (registers the torch.ops.diffattn ops; imports Triton)
 

@@ -60,7 +60,9 @@ def bwd_form(p: "Problem | None" = None) -> str:
     one launch, deterministic) or atomic (one launch, dQ accumulated with fp32 atomic adds: less work, but dQ is not
     bitwise reproducible). atomic is opt-in only, and runs as fused in deterministic mode
     (`torch.use_deterministic_algorithms(True)` or DIFF_ATTN_DETERMINISTIC=1). A problem `p` for which the form has
-    no row (fp32 inputs on a GPU) runs separate; under the interpreter every form runs (one config serves all)."""
+    no spill-free row (fp32 inputs on a GPU; a few head-layout variants, config_rows._VARIANT_SPILLS, e.g. halves + GQA
+    at d = 128 on sm_80) runs separate, with a RuntimeWarning saying so; under the interpreter every form runs (one
+    config serves all)."""
     form = os.environ.get("DIFF_ATTN_BWD", "separate").strip().lower() or "separate"
     if form not in BWD_FORMS:
         raise ValueError(f"DIFF_ATTN_BWD={form!r}: expected one of {', '.join(BWD_FORMS)}")
@@ -68,6 +70,9 @@ def bwd_form(p: "Problem | None" = None) -> str:
         form = "fused"
     if form != "separate" and p is not None and form not in _forced and not interpreter_enabled() \
             and not _has_rows(form, p):
+        # Not silent: the caller asked for this form. (The warnings registry shows each message once per place.)
+        warnings.warn(f"DIFF_ATTN_BWD={form}: no spill-free {form} row fits this problem ({p}); running the separate "
+                      "backward (kernels/config_rows.py)", RuntimeWarning, stacklevel=3)
         form = "separate"
     return form
 

@@ -63,9 +63,11 @@ def test_every_kernel_has_a_row_for_every_problem_class():
 @pytest.mark.parametrize("gqa,v2,split", [(True, False, False), (False, True, False), (True, True, False),
                                           (False, False, True), (True, False, True)],
                          ids=["gqa", "v2", "v2gqa", "halves", "halvesgqa"])
-def test_every_kernel_has_a_row_for_every_head_layout_problem(gqa, v2, split):
+def test_every_kernel_has_a_row_for_every_head_layout_problem(gqa, v2, split, monkeypatch):
     """Pruning the rows that spill in a head-layout variant (configs._VARIANT_SPILLS) leaves every class a row (the
-    one-launch forms may have none: the backward then runs the separate form, as for fp32)."""
+    one-launch forms may have none: a backward asked for that form then runs the separate form, with a warning)."""
+    monkeypatch.setattr(configs, "interpreter_enabled", lambda: False)  # as on a GPU: rows decide the form
+    monkeypatch.delenv("DIFF_ATTN_DETERMINISTIC", raising=False)
     for kernel in configs.ALL_KERNELS:
         for d in (16, 32, 64, 128):
             for nbytes in (2, 4):
@@ -74,8 +76,12 @@ def test_every_kernel_has_a_row_for_every_head_layout_problem(gqa, v2, split):
                         for n in (197, 4096):
                             p = configs.Problem(d, nbytes, causal, n, sm, gqa, v2, split)
                             if kernel in ("fused", "atomic"):
-                                if not configs.fitting_rows(kernel, p):
-                                    assert configs.bwd_form(p) == "separate" or configs.interpreter_enabled()
+                                monkeypatch.setenv("DIFF_ATTN_BWD", kernel)
+                                if configs.fitting_rows(kernel, p):
+                                    assert configs.bwd_form(p) == kernel, p
+                                else:
+                                    with pytest.warns(RuntimeWarning, match=f"DIFF_ATTN_BWD={kernel}"):
+                                        assert configs.bwd_form(p) == "separate", p
                                 continue
                             assert configs.fitting_rows(kernel, p), (kernel, p)
 

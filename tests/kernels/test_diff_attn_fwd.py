@@ -118,6 +118,23 @@ def test_empty_input_returns_empty(B, N):
     assert out.shape == (B, 1, N, 32)
 
 
+@pytest.mark.parametrize("layout,kv_heads,v_shape,width", [("interleaved", 2, (1, 1, 4, 32), 32),
+                                                           ("halves", 2, (1, 2, 4, 16), 32),
+                                                           ("v2", 1, (1, 1, 4, 16), 16)],
+                         ids=["interleaved", "halves", "v2"])
+def test_zero_query_heads_launch_nothing(layout, kv_heads, v_shape, width, monkeypatch):
+    """q with 0 heads against a key/value group passes the H % Hkv check (0 % Hkv == 0); nothing may launch (the
+    backward's group count would be 0 and its programs divide by it): an empty (B, 0, N, w) output."""
+    import kernels.ops
+
+    monkeypatch.setattr(kernels.ops, "diff_attn_fwd", lambda *a, **k: pytest.fail("a kernel was launched"))
+    q = torch.randn(1, 0, 4, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, kv_heads, 4, 16, device=DEVICE, requires_grad=True)
+    v = torch.randn(*v_shape, device=DEVICE, requires_grad=True)
+    out = diff_attn(q, k, v, 0.5, head_layout=layout)
+    assert out.shape == (1, 0, 4, width)
+
+
 def test_inference_under_no_grad_saves_nothing(monkeypatch, poison):
     """Trainable inputs (a model's norm weight) under torch.no_grad(): the forward writes no backward state."""
     import kernels.ops
