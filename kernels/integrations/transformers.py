@@ -192,7 +192,10 @@ def _unit_norm_weight(width: int, device: torch.device) -> torch.Tensor:
     key = (width, str(device))
     w = _ONES.get(key)
     if w is None:
-        w = _ONES[key] = torch.ones(width, dtype=torch.float32, device=device)
+        # Made outside inference mode even when the first call runs in it: an inference tensor cached here could
+        # never again be saved for a backward (a later training step would fail).
+        with torch.inference_mode(False):
+            w = _ONES[key] = torch.ones(width, dtype=torch.float32, device=device)
     return w
 
 
@@ -230,6 +233,12 @@ def _refuse_unsupported(module, hidden_states, attention_mask, kwargs) -> None:
                         f"{dtype}")
 
 
+def _check_mask_shape(attention_mask, batch: int, keys: int) -> None:
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, keys):
+        raise ValueError(f"use_diff_attn: the 2-D attention mask has shape {tuple(attention_mask.shape)} but the "
+                         f"keys are (batch, past + new) = ({batch}, {keys})")
+
+
 class DiffAttnDiffLlamaAttention(DiffLlamaAttention):
     """DiffLlamaAttention whose forward runs the differential combination in the fused kernels. Instances are made by
     `use_diff_attn` (which swaps the class of existing modules); same parameters, same state dict."""
@@ -245,33 +254,37 @@ class DiffAttnDiffLlamaAttention(DiffLlamaAttention):
         v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = _apply_rotary_pos_emb(q, k, cos, sin)
+        lam_dtype = q.dtype  # DiffLlama rounds λ to its query dtype (fp32 after RoPE under autocast)
+        if torch.is_autocast_enabled(q.device.type):
+            # RoPE in fp32 leaves q/k in fp32 beside a bf16 v. Cast the NEW tokens only, before they enter the cache:
+            # casting after the update would copy the whole cache at every decoding step.
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if cache is not None:
             past = cache.get_seq_length(self.layer_idx)
             if isinstance(past, torch.Tensor):
                 raise ValueError(f"use_diff_attn: {type(cache).__name__} (a static cache) is not supported; use the "
                                  "default DynamicCache")
+            _check_mask_shape(attention_mask, B, past + Lq)  # before the update: a refused call leaves no keys
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
             if k.shape[-2] != past + Lq:
                 raise ValueError(f"use_diff_attn: {type(cache).__name__} returned {k.shape[-2]} keys for {past} past + "
                                  f"{Lq} new tokens; only caches that keep every key (DynamicCache) are supported "
                                  "(no sliding window or static cache)")
-        if torch.is_autocast_enabled(q.device.type):  # RoPE in fp32 would leave q/k in fp32 beside a bf16 v
-            dtype = torch.get_autocast_dtype(q.device.type)
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            if k.dtype != q.dtype:  # a cache filled before the switch (or outside autocast): the rare copy
+                k, v = k.to(q.dtype), v.to(q.dtype)
 
-        out = self._attend(q, k, v, attention_mask)  # (B, H, Lq, 2d)
+        out = self._attend(q, k, v, attention_mask, lam_dtype)  # (B, H, Lq, 2d)
         out = out.transpose(1, 2).reshape(B, Lq, -1)
         return self.o_proj(out), None
 
-    def _attend(self, q, k, v, attention_mask):
+    def _attend(self, q, k, v, attention_mask, lam_dtype):
         B, _, Lq, d = q.shape
         Lk = k.shape[-2]
-        lam = _lambda_full(self, q.dtype)
+        lam = _lambda_full(self, lam_dtype)
         epi = dict(scale=self.scaling, norm_weight=_unit_norm_weight(2 * d, q.device),
                    norm_eps=_norm_eps(self, q.dtype), out_scale=1.0 - self.lambda_init)
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, Lk):
-            raise ValueError(f"use_diff_attn: the 2-D attention mask has shape {tuple(attention_mask.shape)} but the "
-                             f"keys are (batch, past + new) = ({B}, {Lk})")
+        _check_mask_shape(attention_mask, B, Lk)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, lam))
         if Lq < Lk and Lq <= DECODE_MAX_QUERIES and not grad:
             if attention_mask is None:
@@ -331,11 +344,15 @@ def use_diff_attn(model, enable: bool = True):
         for m in modules:
             if type(m) is DiffAttnDiffLlamaAttention:
                 m.__class__ = DiffLlamaAttention
-        previous = getattr(model, "_diff_attn_previous_impl", None)
+        # Remembered on the model that was switched and on its attention modules (shared by an outer model and
+        # its inner DiffLlamaModel, so either may switch back).
+        previous = getattr(model, "_diff_attn_previous_impl", None) or next(
+            (m._diff_attn_previous_impl for m in modules if hasattr(m, "_diff_attn_previous_impl")), None)
         if model.config._attn_implementation == ATTN_IMPLEMENTATION:
             model.set_attn_implementation(previous or "eager")
-        if hasattr(model, "_diff_attn_previous_impl"):
-            del model._diff_attn_previous_impl
+        for owner in [model, *modules]:
+            if hasattr(owner, "_diff_attn_previous_impl"):
+                del owner._diff_attn_previous_impl
         return model
 
     if not modules:
@@ -359,6 +376,8 @@ def use_diff_attn(model, enable: bool = True):
             raise TypeError(f"use_diff_attn: transformers did not accept attn_implementation={ATTN_IMPLEMENTATION!r} "
                             f"for {type(model).__name__} (it kept {model.config._attn_implementation!r})")
         model._diff_attn_previous_impl = current
+        for m in modules:
+            m._diff_attn_previous_impl = current
     for m in modules:
         m.__class__ = DiffAttnDiffLlamaAttention
     return model

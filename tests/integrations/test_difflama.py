@@ -280,6 +280,42 @@ def test_switch_twice_and_back():
     assert set(ours.state_dict()) == set(ref.state_dict())
 
 
+def test_switch_back_from_the_outer_model_after_switching_the_inner_one():
+    """The previous attention implementation is remembered where either model can find it (they share the modules
+    and the config): switching the inner DiffLlamaModel and back through the outer model restores it."""
+    ref, _ = tiny_pair(2)
+    ours = copy.deepcopy(ref)
+    ours.set_attn_implementation("sdpa")
+    hf.use_diff_attn(ours.model)
+    assert hf.is_diff_attn_enabled(ours)
+    hf.use_diff_attn(ours, enable=False)
+    assert not hf.is_diff_attn_enabled(ours) and ours.config._attn_implementation == "sdpa"
+
+
+def test_training_after_a_forward_under_inference_mode():
+    """The unit norm weight cached by the first call must not be an inference tensor when that call ran under
+    torch.inference_mode() (an HF pipeline, an eval loop): a later training step saves it for the backward."""
+    hf._ONES.clear()
+    ref, ours = tiny_pair(2)
+    ids, _ = ids_and_mask("none")
+    with torch.inference_mode():
+        ours(ids)
+    ours.train()
+    ours(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in ours.model.layers[0].self_attn.parameters())
+
+
+def test_a_refused_cached_call_leaves_the_cache_as_it_was():
+    ref, ours = tiny_pair(2)
+    ids, mask = ids_and_mask("left")
+    with torch.no_grad():
+        cache = ours(ids, attention_mask=mask, use_cache=True).past_key_values
+        before = cache.get_seq_length()
+        with pytest.raises(ValueError, match="2-D attention mask has shape"):
+            ours(ids[:, :1], attention_mask=mask, cache=cache, use_cache=True)  # one key short: refused
+        assert cache.get_seq_length() == before
+
+
 # ---------------------------------------------------------------------------------------------- gather, imports
 
 def test_gather_pairs_reorders_heads_in_one_contiguous_copy():
