@@ -134,7 +134,8 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
     dq = alloc.empty_like(q)
     dk = alloc.empty_like(k)
     dv = alloc.empty_like(v)
-    if value_strides(dv, head_layout, hkv)[2] > MAX_SPLIT_OFFSET:  # a non-dense halves v: empty_like is contiguous
+    dv_token_major = value_strides(dv, head_layout, hkv)[2] > MAX_SPLIT_OFFSET  # non-dense halves v: contiguous dv
+    if dv_token_major:
         dv = alloc.empty(B, N, 2 * hkv, d, dtype=v.dtype, device=v.device).transpose(1, 2)  # split Hkv·d instead
     v_split = value_split(v, head_layout, hkv) or value_split(dv, head_layout, hkv)
     problem = Problem(d, q.element_size(), causal, N, device_sm(q.device), hkv < H, head_layout == "v2", v_split)
@@ -177,4 +178,6 @@ def diff_attn_bwd(dout, q, k, v, lam_bhn, norm_weight, o_ref, o2, lse, *, causal
             if dq_acc is not dq:
                 dq.copy_(dq_acc)
     dw = dw_part.sum(0).to(norm_weight.dtype) if dw_part is not None else None
+    if dv_token_major:  # back to empty_like(v)'s strides, which the torch.library op's fake promises (ops.py)
+        dv = dv.contiguous()
     return dq, dk, dv, dlam, dw
