@@ -14,8 +14,9 @@ P1 and P2 are recomputed from the forward's per-row log-sum-exps. dK/dV and dQ a
 (one over key blocks, one over query blocks) so that every output element has exactly one writer: gradients are
 bitwise deterministic. GQA: a dK/dV program owns a key block of one key/value group and sums the shares of the
 group's H / Hkv diff-heads in registers, in a fixed order (no atomics), so dK/dV stay deterministic; the head layouts
-(kernels/layouts.py) are strides and the V_WIDTH / SHARED_K / V_SPLIT flags (bwd_steps.py). The price is that the dQ programs recompute both maps and dP (28 N²d matrix FLOPs per
-diff-head instead of 20, 4 exponentials per (query, key) pair instead of 2). Backward forms (`configs.bwd_form`):
+(kernels/layouts.py) are strides and the V_WIDTH / SHARED_K / V_SPLIT flags (bwd_steps.py). The price is that the
+dQ programs recompute both maps and dP (28 N²d matrix FLOPs per diff-head instead of 20, 4 exponentials per
+(query, key) pair instead of 2). Backward forms (`configs.bwd_form`):
 
     separate  dK/dV and dQ kernels, one launch each (the default: the only form measured on a device so far)
     fused     one launch: each program does a key block's dK/dV, then the query block of the same index's dQ

@@ -3,10 +3,11 @@
 
 fused (DQ_ATOMIC=False, deterministic): program p of a key/value group first runs the dK/dV program of key block p
 (BLOCK_N keys, query steps of BLOCK_M; summed over the group's diff-heads), stores dK and dV, then the dQ program of
-query block p (BLOCK_N rows, key steps of BLOCK_M) of each of the group's diff-heads — Triton tutorial 06's order. Every output element still has exactly one writer, and the executed work is
-the separate form's (dQ recomputes both maps and dP); what it saves is a launch and, when causal, the load imbalance:
-key block p is seen by N − p·BLOCK_N queries and query block p sees (p + 1)·BLOCK_N keys, so every program does
-about the same work and no wave ends with a few heavy programs.
+query block p (BLOCK_N rows, key steps of BLOCK_M) of each of the group's diff-heads — Triton tutorial 06's order.
+Every output element still has exactly one writer, and the executed work is the separate form's (dQ recomputes both
+maps and dP); what it saves is a launch and, when causal, the load imbalance: key block p is seen by N − p·BLOCK_N
+queries and query block p sees (p + 1)·BLOCK_N keys, so every program does about the same work and no wave ends
+with a few heavy programs.
 
 atomic (DQ_ATOMIC=True, opt-in, never in deterministic mode): the dK/dV loop also adds s·dSᵀ·K of each (key block,
 query block) pair to an fp32 dQ buffer with `tl.atomic_add` (relaxed), so the maps and dP are computed once: 20 N²d

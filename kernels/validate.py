@@ -81,9 +81,11 @@ def _finite_float(name: str, x, *, positive: bool = False) -> float:
     return x
 
 
-def check_norm_weight(norm_weight, d: int, device: torch.device, q_name: str = "q", *, v2: bool = False) -> None:
+def check_norm_weight(norm_weight, d: int, device: torch.device, q_name: str = "q", *, v2: bool = False,
+                      for_kernel: bool = False) -> None:
     """The RMS-norm epilogue's weight, when given: a floating tensor of the output rows' width, (2d,) or (d,) for
-    the v2 layout, on the inputs' device (any strides)."""
+    the v2 layout, on the inputs' device; for a kernel, with a stride up to MAX_TILE_STRIDE (the kernels address it
+    with 32-bit offsets col·stride; a larger stride is refused, not wrapped)."""
     if norm_weight is None:
         return
     _require_tensor("norm_weight", norm_weight)
@@ -94,6 +96,9 @@ def check_norm_weight(norm_weight, d: int, device: torch.device, q_name: str = "
         raise TypeError(f"norm_weight must be floating point, got {norm_weight.dtype}")
     if norm_weight.device != device:
         raise ValueError(f"norm_weight is on {norm_weight.device} but {q_name} is on {device}")
+    if for_kernel and abs(norm_weight.stride(0)) > MAX_TILE_STRIDE:
+        raise ValueError(f"norm_weight's stride {norm_weight.stride(0)} exceeds {MAX_TILE_STRIDE} elements (the "
+                         "kernels' 32-bit offsets); pass norm_weight.contiguous()")
 
 
 def check_cpu_lam_finite(lam: torch.Tensor) -> None:
@@ -235,7 +240,7 @@ def check_diff_attn_args(q, k, v, lam, *, causal, scale, norm_weight, norm_eps, 
     scale = d**-0.5 if scale is None else _finite_float("scale", scale, positive=True)
     _finite_float("norm_eps", norm_eps, positive=True)
     _finite_float("out_scale", out_scale)
-    check_norm_weight(norm_weight, d, q.device, v2=head_layout == "v2")
+    check_norm_weight(norm_weight, d, q.device, v2=head_layout == "v2", for_kernel=for_kernel)
     # λ stays in fp32 (fp64 only when the inputs are fp64, for the float64 reference evaluation).
     lam_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return DiffAttnArgs(B, H, N, d, scale, _lam_to_3d(lam, B, H, N, lam_dtype, q.device), hkv, head_layout)

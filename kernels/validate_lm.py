@@ -80,7 +80,7 @@ def _common(q, k, v, *, scale, norm_weight, norm_eps, out_scale, for_kernel, nam
     scale = d**-0.5 if scale is None else _finite_float("scale", scale, positive=True)
     _finite_float("norm_eps", norm_eps, positive=True)
     _finite_float("out_scale", out_scale)
-    check_norm_weight(norm_weight, d, q.device, qn)
+    check_norm_weight(norm_weight, d, q.device, qn, for_kernel=for_kernel)
     return H2 // 2, Hkv2 // 2, d, scale
 
 

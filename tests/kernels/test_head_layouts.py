@@ -215,3 +215,19 @@ def test_value_split_flag_only_where_the_halves_are_apart():
     assert not value_split(token_major, "halves", 1)
     for layout in ("interleaved", "v2"):
         assert not value_split(make_layout_qkv(1, 4, 2, 8, 16, torch.float32, DEVICE, layout)[2], layout, 2)
+
+
+def test_norm_weight_stride_past_int32_offsets_is_refused_for_the_kernel():
+    """The epilogue reads norm_weight at col·stride in 32-bit arithmetic: a stride past MAX_TILE_STRIDE is refused
+    by the kernel's validation, naming norm_weight (meta tensors: nothing is allocated); the reference accepts it."""
+    from kernels.validate import MAX_TILE_STRIDE, check_diff_attn_args
+
+    q = torch.empty(1, 4, 16, 16, device="meta")
+    k = torch.empty(1, 4, 16, 16, device="meta")
+    v = torch.empty(1, 2, 16, 32, device="meta")
+    w = torch.empty(32 * (MAX_TILE_STRIDE + 1), device="meta").as_strided((32,), (MAX_TILE_STRIDE + 1,))
+    kw = dict(causal=False, scale=None, norm_weight=w, norm_eps=1e-5, out_scale=1.0, head_layout="interleaved")
+    with pytest.raises(ValueError, match="norm_weight's stride"):
+        check_diff_attn_args(q, k, v, 0.5, for_kernel=True, **kw)
+    check_diff_attn_args(q, k, v, 0.5, for_kernel=False, **kw)
+    check_diff_attn_args(q, k, v, 0.5, for_kernel=True, **dict(kw, norm_weight=w.as_strided((32,), (MAX_TILE_STRIDE,))))
