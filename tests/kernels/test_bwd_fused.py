@@ -168,13 +168,19 @@ def test_fused_rows_cover_every_16bit_problem_class_and_stay_few():
 
 
 def test_fp32_runs_the_separate_form_on_a_gpu(monkeypatch):
-    """The one-launch forms have no fp32 rows (they spill): on a GPU an fp32 problem falls back to separate."""
+    """The one-launch forms have no fp32 rows (they spill): on a GPU an fp32 problem falls back to separate, saying
+    so (a RuntimeWarning: the form was asked for); a problem with rows takes the form without a word."""
+    import warnings
+
     monkeypatch.setenv("DIFF_ATTN_BWD", "atomic")
     monkeypatch.delenv("DIFF_ATTN_DETERMINISTIC", raising=False)
     monkeypatch.setattr(configs, "interpreter_enabled", lambda: False)
-    assert configs.bwd_form(configs.Problem(64, 4, False, 197, 90)) == "separate"
-    assert configs.bwd_form(configs.Problem(64, 2, False, 197, 90)) == "atomic"
-    assert configs.bwd_form(configs.Problem(64, 2, False, 197, 80)) == "atomic"
+    with pytest.warns(RuntimeWarning, match="DIFF_ATTN_BWD=atomic: no spill-free atomic row"):
+        assert configs.bwd_form(configs.Problem(64, 4, False, 197, 90)) == "separate"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert configs.bwd_form(configs.Problem(64, 2, False, 197, 90)) == "atomic"
+        assert configs.bwd_form(configs.Problem(64, 2, False, 197, 80)) == "atomic"
 
 
 def test_fused_autotune_key():
