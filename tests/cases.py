@@ -79,3 +79,13 @@ def make_layout_qkv(B, H, Hkv, N, d, dtype, device, head_layout="interleaved", r
         for t in (q, k, v):
             t.requires_grad_(True)
     return q, k, v
+
+
+def call_with_leaves(fn, leaves, kw):
+    """fn(q, k, v, lam, norm_weight=..., **kw) with leaves = [q, k, v, lam] or [q, k, v, lam, norm_weight]."""
+    return fn(*leaves[:4], norm_weight=leaves[4] if len(leaves) > 4 else None, **kw)
+
+
+def grads_of(fn, leaves, kw, dout):
+    """The gradients of every leaf of `call_with_leaves(fn, leaves, kw)` against the output gradient `dout`."""
+    return torch.autograd.grad(call_with_leaves(fn, leaves, kw), leaves, dout)

@@ -9,7 +9,7 @@ so they are bitwise deterministic in every form.
 
 import pytest
 import torch
-from cases import make_lam, make_layout_qkv, to64
+from cases import call_with_leaves, grads_of, make_lam, make_layout_qkv, to64
 from conftest import DEVICE
 from tolerances import BWD, BWD_ROW_SUMS, FWD, assert_close, assert_close_lowp
 
@@ -42,26 +42,18 @@ def _inputs(hkv, N, d, causal, norm, dtype, seed=0):
     return leaves, dict(causal=causal, out_scale=0.5 if norm else 1.0), dout
 
 
-def _run(fn, leaves, kw):
-    return fn(*leaves[:4], norm_weight=leaves[4] if len(leaves) > 4 else None, **kw)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("hkv,N,d,causal,norm", CASES)
 def test_gqa_forward_matches_float64_reference(hkv, N, d, causal, norm, dtype, poison):
     leaves, kw, _ = _inputs(hkv, N, d, causal, norm, dtype)
     with torch.no_grad():
-        out = _run(diff_attn, leaves, kw)
-        ref = _run(diff_attn_reference, [to64(x) for x in leaves], kw)
+        out = call_with_leaves(diff_attn, leaves, kw)
+        ref = call_with_leaves(diff_attn_reference, [to64(x) for x in leaves], kw)
         assert out.shape == (1, H, N, 2 * d) and out.dtype == dtype
         if dtype == torch.bfloat16:
-            assert_close_lowp(out, ref, _run(diff_attn_reference, leaves, kw), "out")
+            assert_close_lowp(out, ref, call_with_leaves(diff_attn_reference, leaves, kw), "out")
         else:
             assert_close(out, ref, dtype, FWD, "out")
-
-
-def _grads(fn, leaves, kw, dout):
-    return torch.autograd.grad(_run(fn, leaves, kw), leaves, dout)
 
 
 # Each cell in one dtype per form (fp32 and fp16 alternate), so that every form meets both dtypes and all ratios.
@@ -73,8 +65,8 @@ GRAD_CASES = [pytest.param(name, *c, (torch.float32, torch.float16)[(i + j) % 2]
 def test_gqa_gradients_match_float64_reference(name, hkv, N, d, causal, norm, dtype, form, poison):
     form(name)
     leaves, kw, dout = _inputs(hkv, N, d, causal, norm, dtype, seed=1)
-    ours = _grads(diff_attn, leaves, kw, dout)
-    ref = _grads(diff_attn_reference, [to64(x) for x in leaves], kw, dout.double())
+    ours = grads_of(diff_attn, leaves, kw, dout)
+    ref = grads_of(diff_attn_reference, [to64(x) for x in leaves], kw, dout.double())
     for what, a, b, leaf in zip(NAMES, ours, ref, leaves):
         assert a.shape == leaf.shape, what
         table = BWD_ROW_SUMS if what in ("dlam", "dnorm_weight") else BWD
@@ -89,8 +81,8 @@ def test_gqa_key_value_gradients_are_bitwise_deterministic(name, form, poison):
     in its filter)."""
     form(name)
     leaves, kw, dout = _inputs(2, 77, 64, True, True, torch.float16, seed=3)
-    first = _grads(diff_attn, leaves, kw, dout)
-    second = _grads(diff_attn, leaves, kw, dout)
+    first = grads_of(diff_attn, leaves, kw, dout)
+    second = grads_of(diff_attn, leaves, kw, dout)
     for what, a, b in zip(NAMES, first, second):
         if name == "atomic" and what == "dq":
             continue

@@ -7,7 +7,7 @@ torch.compile; and the errors for shapes that do not fit the layout.
 
 import pytest
 import torch
-from cases import make_lam, make_layout_qkv, to64
+from cases import call_with_leaves, grads_of, make_lam, make_layout_qkv, to64
 from conftest import DEVICE
 from tolerances import BWD, BWD_ROW_SUMS, FWD, assert_close, assert_close_lowp
 
@@ -48,26 +48,18 @@ def _inputs(layout, H, hkv, N, d, causal, norm, dtype, seed=0):
     return leaves, dict(causal=causal, out_scale=0.5 if norm else 1.0, head_layout=layout), dout
 
 
-def _run(fn, leaves, kw):
-    return fn(*leaves[:4], norm_weight=leaves[4] if len(leaves) > 4 else None, **kw)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("layout,H,hkv,N,d,causal,norm", CASES)
 def test_layout_forward_matches_float64_reference(layout, H, hkv, N, d, causal, norm, dtype, poison):
     leaves, kw, _ = _inputs(layout, H, hkv, N, d, causal, norm, dtype)
     with torch.no_grad():
-        out = _run(diff_attn, leaves, kw)
-        ref = _run(diff_attn_reference, [to64(x) for x in leaves], kw)
+        out = call_with_leaves(diff_attn, leaves, kw)
+        ref = call_with_leaves(diff_attn_reference, [to64(x) for x in leaves], kw)
         assert out.shape == (1, H, N, d if layout == "v2" else 2 * d) and out.dtype == dtype
         if dtype == torch.bfloat16:
-            assert_close_lowp(out, ref, _run(diff_attn_reference, leaves, kw), "out")
+            assert_close_lowp(out, ref, call_with_leaves(diff_attn_reference, leaves, kw), "out")
         else:
             assert_close(out, ref, dtype, FWD, "out")
-
-
-def _grads(fn, leaves, kw, dout):
-    return torch.autograd.grad(_run(fn, leaves, kw), leaves, dout)
 
 
 # Every cell in the separate form (fp32 and fp16 alternating); the one-launch forms on the GQA cells of each layout.
@@ -81,8 +73,8 @@ GRAD_CASES += [pytest.param(name, *CELLS[i], torch.float16 if name == "fused" el
 def test_layout_gradients_match_float64_reference(name, layout, H, hkv, N, d, causal, norm, dtype, form, poison):
     form(name)
     leaves, kw, dout = _inputs(layout, H, hkv, N, d, causal, norm, dtype, seed=1)
-    ours = _grads(diff_attn, leaves, kw, dout)
-    ref = _grads(diff_attn_reference, [to64(x) for x in leaves], kw, dout.double())
+    ours = grads_of(diff_attn, leaves, kw, dout)
+    ref = grads_of(diff_attn_reference, [to64(x) for x in leaves], kw, dout.double())
     for what, a, b, leaf in zip(NAMES, ours, ref, leaves):
         assert a.shape == leaf.shape, what
         table = BWD_ROW_SUMS if what in ("dlam", "dnorm_weight") else BWD
@@ -92,8 +84,8 @@ def test_layout_gradients_match_float64_reference(name, layout, H, hkv, N, d, ca
 @pytest.mark.parametrize("layout", ["halves", "v2"])
 def test_layout_key_value_gradients_are_bitwise_deterministic(layout, poison):
     leaves, kw, dout = _inputs(layout, 4, 2, 77, 64, True, True, torch.float16, seed=3)
-    first = _grads(diff_attn, leaves, kw, dout)
-    second = _grads(diff_attn, leaves, kw, dout)
+    first = grads_of(diff_attn, leaves, kw, dout)
+    second = grads_of(diff_attn, leaves, kw, dout)
     for what, a, b in zip(NAMES, first, second):
         assert torch.equal(a, b), what
 
@@ -132,13 +124,13 @@ def test_compile_fullgraph_layouts(layout):
     leaves, kw, dout = _inputs(layout, 4, 2, 33, 16, True, True, torch.float32, seed=2)
 
     def loss(*xs):
-        out = _run(diff_attn, list(xs), kw)
+        out = call_with_leaves(diff_attn, list(xs), kw)
         return out, (out * dout).sum()
 
     out, total = torch.compile(loss, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")(*leaves)
     grads = torch.autograd.grad(total, leaves)
     ref_leaves = [to64(x) for x in leaves]
-    ref = _run(diff_attn_reference, ref_leaves, kw)
+    ref = call_with_leaves(diff_attn_reference, ref_leaves, kw)
     ref_grads = torch.autograd.grad((ref * dout.double()).sum(), ref_leaves)
     assert_close(out, ref, torch.float32, FWD, "out")
     for what, a, b in zip(NAMES, grads, ref_grads):
